@@ -1,0 +1,186 @@
+"""Small shared utilities: the user-error type, atomic file writes, hashing, devices, logging.
+
+This module imports nothing from the rest of nanor1, so every other module may import it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+
+
+class NanoR1Error(Exception):
+    """An error the user caused (bad input, bad config, missing file). The CLI prints it as one line."""
+
+
+# ----------------------------------------------------------------------------- files
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write to a temp file in the same folder, fsync, then rename: readers see old or new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_json(path: str | Path) -> Any:
+    """Read a JSON file, turning a missing or malformed file into a one-line user error."""
+    path = Path(path)
+    if not path.is_file():
+        raise NanoR1Error(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NanoR1Error(f"{path}: not valid JSON ({e}); the file is damaged, regenerate it") from None
+
+
+class JsonlLogger:
+    """Appends one JSON object per line; flushed each write so a crash loses at most one line."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def log(self, **row: Any) -> None:
+        row.setdefault("time", time.time())
+        self._f.write(json.dumps(row, default=float) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    rows = []
+    path = Path(path)
+    if not path.exists():
+        return rows
+    for line in path.read_text(encoding="utf-8").splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a torn last line from a crash: skip it
+    return rows
+
+
+def code_version() -> str:
+    """The git commit of the nanor1 source (with '+dirty'), or the package version outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        if rev.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            return rev.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    from nanor1 import __version__
+    return __version__
+
+
+# ----------------------------------------------------------------------------- devices
+
+def resolve_device(name: str | None = None) -> torch.device:
+    """'auto' (or None) picks CUDA when present, else CPU."""
+    if name in (None, "", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise NanoR1Error(f"unknown device {name!r}; use 'auto', 'cpu' or 'cuda[:N]'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise NanoR1Error(f"device {name!r} asked for but CUDA is not available; use --device cpu")
+    return dev
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise NanoR1Error(f"unknown dtype {name!r}; use one of {sorted(set(DTYPES))}")
+    return DTYPES[name]
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """bf16/fp16 autocast on CPU or GPU; a no-op context for fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# Measured peaks of the 2-core AVX-512/AMX CPU this project is developed on (2048x2048 matmul);
+# see bench/README.md. Used only to report model FLOPs utilisation (MFU).
+CPU_PEAK_FLOPS = {torch.float32: 375e9, torch.bfloat16: 2400e9}
+# Dense tensor-core peaks of common GPUs (bf16), for MFU on CUDA.
+GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), 312e12)
+        return peak if dtype != torch.float32 else peak / 16
+    return CPU_PEAK_FLOPS.get(dtype, CPU_PEAK_FLOPS[torch.float32])
+
+
+def set_threads() -> None:
+    """Use every core for intra-op work; torch defaults to physical cores, which is right here."""
+    n = os.cpu_count() or 1
+    if torch.get_num_threads() < n:
+        torch.set_num_threads(n)
+
+
+def chunks(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def progress(iterable: Iterable | None = None, total: int | None = None, desc: str = "", unit: str = "it",
+             disable: bool = False):
+    """A tqdm bar with rate and ETA (to stderr)."""
+    from tqdm.auto import tqdm
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True, smoothing=0.1)
