@@ -1,0 +1,125 @@
+"""Multi-head Latent Attention (DeepSeek-V2 section 2.1) and its compressed KV cache.
+
+Keys and values are rebuilt from a small latent c_kv (kv_lora_rank numbers per token) plus one RoPE key
+shared by all heads (qk_rope_head_dim numbers). Only those two are cached. Training and prefill expand the
+latent into per-head keys and values; single-token decode absorbs the up-projection into the query and the
+output instead, so past keys are never re-expanded (section 2.1.2, "absorb" mode of the V3 reference).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanor1.model.config import ModelConfig
+from nanor1.model.layers import RMSNorm, apply_rope
+
+
+class KVCache:
+    """The compressed cache of every layer for a fixed set of slots (one sequence per slot).
+
+    kv: (n_layers, n_slots, max_len, kv_lora_rank + qk_rope_head_dim); lengths: (n_slots,) tokens held.
+    The engine owns it and passes it in; the model never keeps state between calls.
+    """
+
+    def __init__(self, cfg: ModelConfig, n_slots: int, max_len: int, dtype: torch.dtype, device: torch.device):
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.kv = torch.zeros(cfg.n_layers, n_slots, max_len, cfg.kv_lora_rank + cfg.qk_rope_head_dim,
+                              dtype=dtype, device=device)
+        self.lengths = torch.zeros(n_slots, dtype=torch.long, device=device)
+
+    @property
+    def n_slots(self) -> int:
+        return self.kv.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.kv.shape[2]
+
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size()
+
+
+class MLA(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.q_lora_rank = cfg.q_lora_rank
+        self.kv_lora_rank = cfg.kv_lora_rank
+        self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.qk_head_dim = cfg.qk_head_dim
+        self.scale = self.qk_head_dim ** -0.5
+        H = cfg.n_heads
+        if self.q_lora_rank:
+            self.q_a_proj = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * self.qk_head_dim, bias=False)
+        else:
+            self.q_proj = nn.Linear(cfg.dim, H * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(H * cfg.v_head_dim, cfg.dim, bias=False)
+
+    def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Queries split into (nope, rope) parts and the cacheable latent [c_kv ; k_rope], RoPE applied."""
+        B, T, _ = x.shape
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
+        q = q.view(B, T, self.n_heads, self.qk_head_dim)
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        q_rope = apply_rope(q_rope, cos, sin)
+        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        k_rope = apply_rope(k_rope.unsqueeze(2), cos, sin).squeeze(2)  # one RoPE key for all heads
+        latent = torch.cat((self.kv_a_layernorm(c_kv), k_rope), dim=-1)  # (B, T, kv_lora_rank + rope_dim)
+        return q_nope, q_rope, latent
+
+    def _expanded_attention(self, q_nope, q_rope, latent) -> torch.Tensor:
+        """Causal attention with per-head keys/values expanded from the latent (training and prefill)."""
+        B, T, H, _ = q_nope.shape
+        c_kv, k_rope = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv = self.kv_b_proj(c_kv).view(B, T, H, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat((k_nope, k_rope.unsqueeze(2).expand(B, T, H, self.rope_dim)), dim=-1)
+        q = torch.cat((q_nope, q_rope), dim=-1)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             is_causal=True, scale=self.scale)  # (B, H, T, v_dim)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.v_dim))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Full causal attention over x: (B, T, dim) -> (B, T, dim)."""
+        return self._expanded_attention(*self._project(x, cos, sin))
+
+    def prefill(self, x, cos, sin, cache_kv: torch.Tensor, slots) -> torch.Tensor:
+        """Attention over right-padded prompts starting at position 0, writing their latents to the cache.
+
+        Padding sits after each prompt, so causal attention never lets a real token see it.
+        cache_kv: this layer's (n_slots, max_len, latent_dim); slots: which rows the prompts go to.
+        """
+        q_nope, q_rope, latent = self._project(x, cos, sin)
+        cache_kv[slots, : x.shape[1]] = latent.to(cache_kv.dtype)
+        return self._expanded_attention(q_nope, q_rope, latent)
+
+    def decode(self, x, cos, sin, cache_kv: torch.Tensor, slots, positions: torch.Tensor,
+               keep: torch.Tensor) -> torch.Tensor:
+        """One new token per sequence, attending to the cached latents in absorbed form.
+
+        x: (B, 1, dim); positions: (B,) where the new token goes; keep: (B, 1, L) True for visible keys.
+        """
+        B = x.shape[0]
+        H, r = self.n_heads, self.kv_lora_rank
+        q_nope, q_rope, latent = self._project(x, cos, sin)
+        cache_kv[slots, positions] = latent[:, 0].to(cache_kv.dtype)
+        keys = cache_kv[slots, : keep.shape[-1]]  # (B, L, r + rope_dim): the only thing read back
+        w = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, r)
+        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]
+        # absorb W_UK into the query: q_nope . (W_UK c) = (q_nope W_UK) . c
+        q_latent = torch.einsum("bhd,hdc->bhc", q_nope[:, 0], w_uk.to(q_nope.dtype))
+        q = torch.cat((q_latent, q_rope[:, 0]), dim=-1)  # (B, H, r + rope_dim)
+        scores = torch.matmul(q, keys.transpose(1, 2).to(q.dtype)) * self.scale  # (B, H, L)
+        scores = scores.masked_fill(~keep, float("-inf"))
+        probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+        out_latent = torch.matmul(probs, keys[..., :r].to(q.dtype))  # (B, H, r)
+        # absorb W_UV into the output: sum_t p_t (W_UV c_t) = W_UV (sum_t p_t c_t)
+        out = torch.einsum("bhc,hvc->bhv", out_latent, w_uv.to(out_latent.dtype))
+        return self.o_proj(out.reshape(B, 1, H * self.v_dim))

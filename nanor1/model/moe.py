@@ -1,0 +1,138 @@
+"""DeepSeekMoE (DeepSeek-V3 section 2.1.2): shared experts plus fine-grained routed experts.
+
+Routing uses sigmoid affinities, picks the top-k experts by affinity + a balancing bias (the bias only
+chooses; the gate weights come from the unbiased affinities, normalised over the chosen k), optionally
+within the best `n_limited_groups` expert groups. Balance comes from the auxiliary-loss-free bias update
+(eq. 16 area: bias -= gamma * sign(load - mean load)), plus an optional sequence-wise loss (eq. 17-20).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanor1.model.config import ModelConfig
+from nanor1.model.layers import MLP
+
+
+# Below this many FLOPs for running every expert on every token (a decode step of a small model), the
+# dense form is faster than a Python loop over experts; above it, only the chosen experts run.
+DENSE_FLOPS_MAX = 2e8
+
+
+class Gate(nn.Module):
+    """Router: (N, dim) tokens -> top-k expert ids and weights, in float32 as the reference does."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.top_k = cfg.n_activated_experts
+        self.n_groups, self.topk_groups = cfg.n_expert_groups, cfg.n_limited_groups
+        self.norm_topk_prob, self.route_scale = cfg.norm_topk_prob, cfg.route_scale
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
+        # the balancing bias is state, not a parameter: it is never trained by gradients
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts), persistent=True)
+
+    def forward(self, x: torch.Tensor):
+        with torch.autocast(x.device.type, enabled=False):
+            scores = F.linear(x.float(), self.weight.float()).sigmoid()  # (N, E) affinities s_i,t
+        choice = scores + self.e_score_correction_bias
+        if self.n_groups > 1:
+            N, E = choice.shape
+            grouped = choice.view(N, self.n_groups, E // self.n_groups)
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # (N, groups): sum of each group's best 2
+            keep = torch.zeros_like(group_scores, dtype=torch.bool)
+            keep.scatter_(1, group_scores.topk(self.topk_groups, dim=-1).indices, True)
+            choice = grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(N, E)
+        idx = choice.topk(self.top_k, dim=-1).indices  # (N, k)
+        weights = scores.gather(1, idx)
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return weights * self.route_scale, idx, scores
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E, d, I = cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim
+        self.n_experts, self.top_k = E, cfg.n_activated_experts
+        self.bias_update_speed = cfg.bias_update_speed
+        self.seq_aux_loss_alpha = cfg.seq_aux_loss_alpha
+        self.gate = Gate(cfg)
+        # routed experts stacked, so small batches run as three batched matmuls
+        self.w_gate = nn.Parameter(torch.empty(E, I, d))
+        self.w_up = nn.Parameter(torch.empty(E, I, d))
+        self.w_down = nn.Parameter(torch.empty(E, d, I))
+        self.shared_experts = MLP(d, cfg.n_shared_experts * I) if cfg.n_shared_experts else None
+        self.register_buffer("expert_load", torch.zeros(E), persistent=False)  # tokens routed, since last update
+        self.aux_loss: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # (N, dim)
+        weights, idx, scores = self.gate(flat)
+        dense_flops = flat.shape[0] * self.w_gate.numel() * 3
+        if dense_flops <= DENSE_FLOPS_MAX and not torch.is_grad_enabled():
+            routed = self._dense_experts(flat, weights, idx)
+        else:
+            routed = self._sparse_experts(flat, weights, idx)
+        out = routed.view(shape)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        if self.training:
+            with torch.no_grad():
+                self.expert_load += torch.bincount(idx.flatten(), minlength=self.n_experts).float()
+            if self.seq_aux_loss_alpha > 0 and x.dim() == 3:
+                self.aux_loss = self._sequence_balance_loss(scores.view(shape[0], shape[1], -1), idx.view(
+                    shape[0], shape[1], -1))
+        return out
+
+    def _expert_ffn(self, x: torch.Tensor, e) -> torch.Tensor:
+        return F.linear(F.silu(F.linear(x, self.w_gate[e])) * F.linear(x, self.w_up[e]), self.w_down[e])
+
+    def _sparse_experts(self, x, weights, idx) -> torch.Tensor:
+        """Tokens sorted by expert, one matmul chain per expert that has tokens (training, prefill)."""
+        flat_idx = idx.flatten()
+        order = flat_idx.argsort(stable=True)
+        counts = torch.bincount(flat_idx, minlength=self.n_experts).tolist()
+        token_of = order // self.top_k
+        xs = x[token_of]
+        outs, start = [], 0
+        for e, n in enumerate(counts):
+            if n:
+                outs.append(self._expert_ffn(xs[start:start + n], e))
+            start += n
+        ys = torch.cat(outs) * weights.flatten()[order, None].to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token_of, ys.to(x.dtype))
+
+    def _dense_experts(self, x, weights, idx) -> torch.Tensor:
+        """Every expert on every token, then a weighted sum: for a handful of tokens (decode) three batched
+        matmuls beat a Python loop over experts, and the unchosen experts get weight 0."""
+        h = F.silu(torch.einsum("nd,eid->eni", x, self.w_gate.to(x.dtype))) \
+            * torch.einsum("nd,eid->eni", x, self.w_up.to(x.dtype))
+        y = torch.einsum("eni,edi->end", h, self.w_down.to(x.dtype))  # (E, N, dim)
+        dense_w = torch.zeros(x.shape[0], self.n_experts, dtype=x.dtype, device=x.device)
+        dense_w.scatter_(1, idx, weights.to(x.dtype))
+        return torch.einsum("end,ne->nd", y, dense_w)
+
+    def _sequence_balance_loss(self, scores: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Complementary sequence-wise balance loss, DeepSeek-V3 eq. 17-20: alpha * sum_i f_i P_i per sequence.
+
+        scores: (B, T, E) sigmoid affinities; idx: (B, T, k) chosen experts.
+        """
+        B, T, E = scores.shape
+        chosen = torch.zeros_like(scores).scatter_(2, idx, 1.0)
+        f = chosen.sum(1) * E / (self.top_k * T)  # (B, E) eq. 18
+        p = (scores / scores.sum(-1, keepdim=True)).mean(1)  # (B, E) eq. 19-20
+        return self.seq_aux_loss_alpha * (f * p).sum(-1).mean()
+
+    @torch.no_grad()
+    def update_bias(self) -> torch.Tensor:
+        """Auxiliary-loss-free balancing: lower the bias of overloaded experts, raise it for underloaded ones,
+        by speed gamma (V3 section 2.1.2). Returns the load fractions used, then resets the counter."""
+        load = self.expert_load
+        if load.sum() > 0:
+            self.gate.e_score_correction_bias += self.bias_update_speed * torch.sign(load.mean() - load)
+        frac = load / load.sum().clamp(min=1)
+        self.expert_load.zero_()
+        return frac
