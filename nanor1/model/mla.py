@@ -109,7 +109,8 @@ class MLA(nn.Module):
         B = x.shape[0]
         H, r = self.n_heads, self.kv_lora_rank
         q_nope, q_rope, latent = self._project(x, cos, sin)
-        cache_kv[slots, positions] = latent[:, 0].to(cache_kv.dtype)
+        rows = torch.arange(slots.start, slots.stop, device=x.device) if isinstance(slots, slice) else slots
+        cache_kv[rows, positions] = latent[:, 0].to(cache_kv.dtype)
         keys = cache_kv[slots, : keep.shape[-1]]  # (B, L, r + rope_dim): the only thing read back
         w = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, r)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]

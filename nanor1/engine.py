@@ -1,0 +1,313 @@
+"""The one sampling engine: batched generation with a KV cache, for rollouts, evaluation, chat and serving.
+
+Requests wait in a queue, get a cache slot, are prefilled together and then decoded one token per `step()`
+alongside every other running request (continuous batching). `generate()` is that loop run to completion.
+The model side is a `Backend`: `ModelBackend` for nanor1 models (MLA latent cache, per-slot positions);
+`nanor1.policy.HFBackend` runs any Hugging Face causal LM through the same interface.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import random
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import torch
+
+from nanor1.common import NanoR1Error
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 means off
+    stop_token_ids: tuple[int, ...] = ()  # the tokenizer's EOS always stops too
+    stop_strings: tuple[str, ...] = ()
+    seed: int | None = None  # per-request generator: same seed, same sample, whatever the batch
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise NanoR1Error(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise NanoR1Error(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise NanoR1Error(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise NanoR1Error(f"top_k must be >= 0, got {self.top_k}")
+
+
+@dataclass
+class Completion:
+    prompt_ids: list[int]
+    ids: list[int]  # generated ids, the stop token excluded
+    text: str  # decoded ids, cut before a stop string
+    finish_reason: str  # "stop" or "length"
+    logprobs: list[float]  # log p(token) under softmax(logits / temperature) (T = 1 for greedy)
+    stop_token_id: int | None = None  # the stop token that ended it, if any (GRPO trains on it too)
+    stop_logprob: float | None = None
+
+
+@dataclass
+class StepOutput:
+    request_id: int
+    token_id: int | None
+    logprob: float | None
+    text_delta: str
+    finished: bool
+    finish_reason: str | None
+
+
+class Backend(Protocol):
+    """What the engine needs from a model: slot-addressed prefill and one-token decode, logits as (B, V)."""
+    max_seq_len: int
+    n_slots: int
+    continuous: bool  # can a new request join while others decode?
+
+    def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor: ...
+    def decode(self, tokens: torch.Tensor, slots: list[int]) -> torch.Tensor: ...
+    def release(self, slot: int) -> None: ...
+
+
+class ModelBackend:
+    """A nanor1 Transformer with its MLA latent cache: any request may join at any step."""
+    continuous = True
+
+    def __init__(self, model, n_slots: int, max_seq_len: int | None = None):
+        self.model = model
+        self.n_slots = n_slots
+        self.max_seq_len = min(max_seq_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
+        self.device = model.embed_tokens.weight.device
+        self.cache = model.new_cache(n_slots, self.max_seq_len)
+
+    def _slots(self, slots: list[int]):
+        # a contiguous run of slots is a view of the cache; anything else is gathered
+        if slots == list(range(slots[0], slots[0] + len(slots))):
+            return slice(slots[0], slots[0] + len(slots))
+        return torch.tensor(slots, device=self.device)
+
+    def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
+        T = max(len(p) for p in prompts)
+        idx = torch.zeros(len(prompts), T, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            idx[i, : len(p)] = torch.tensor(p)
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        logits = self.model.prefill(idx.to(self.device), self.cache, self._slots(slots))
+        self.cache.lengths[torch.tensor(slots, device=self.device)] = lengths
+        return logits[torch.arange(len(prompts), device=self.device), lengths - 1]
+
+    def decode(self, tokens: torch.Tensor, slots: list[int]) -> torch.Tensor:
+        slot_t = torch.tensor(slots, device=self.device)
+        positions = self.cache.lengths[slot_t]
+        logits = self.model.decode(tokens.to(self.device), self.cache, self._slots(slots), positions)
+        self.cache.lengths[slot_t] += 1
+        return logits
+
+    def release(self, slot: int) -> None:
+        self.cache.lengths[slot] = 0
+
+
+@dataclass
+class _Request:
+    id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    generator: torch.Generator
+    stop_ids: frozenset[int]
+    track_text: bool
+    slot: int = -1
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    emitted: str = ""  # text already handed out by step()
+    finish_reason: str | None = None
+    stop_token_id: int | None = None
+    stop_logprob: float | None = None
+
+
+def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
+                  generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row; returns (tokens, logprobs under softmax(logits / T)).
+
+    Rows with temperature 0 are greedy. Top-k then top-p filter the distribution; the draw is Gumbel-max
+    with noise from each row's own generator, so a row's sample does not depend on its batch-mates.
+    """
+    logits = logits.float()
+    greedy = temperature <= 0
+    scaled = logits / torch.where(greedy, 1.0, temperature).unsqueeze(1)
+    logprobs = torch.log_softmax(scaled, dim=-1)
+    filtered = logprobs.clone()
+    V = logits.shape[-1]
+    if bool((top_k > 0).any()):
+        k = torch.where(top_k > 0, top_k.clamp(max=V), V)
+        kth = filtered.sort(dim=-1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
+        filtered = filtered.masked_fill(filtered < kth, float("-inf"))
+    if bool((top_p < 1).any()):
+        sorted_lp, order = filtered.sort(dim=-1, descending=True)
+        probs = sorted_lp.softmax(-1)
+        drop_sorted = (probs.cumsum(-1) - probs) > top_p.unsqueeze(1)  # keep the smallest set reaching top_p
+        filtered = filtered.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    noise = torch.stack([torch.rand(V, generator=g) for g in generators]).to(logits.device)
+    gumbel = -torch.log(-torch.log(noise.clamp(min=1e-20)))
+    sampled = (filtered + gumbel).argmax(-1)
+    tokens = torch.where(greedy, logits.argmax(-1), sampled)
+    return tokens, logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+
+
+class Engine:
+    def __init__(self, model, tokenizer, *, max_batch: int = 64, max_seq_len: int | None = None,
+                 backend: Backend | None = None, seed: int = 0):
+        self.tokenizer = tokenizer
+        self.backend = backend if backend is not None else ModelBackend(model, max_batch, max_seq_len)
+        self.max_seq_len = self.backend.max_seq_len
+        self.waiting: collections.deque[_Request] = collections.deque()
+        self.running: dict[int, _Request] = {}  # slot -> request
+        self.free_slots = list(range(self.backend.n_slots))
+        self._ids = itertools.count()
+        self._rng = random.Random(seed)
+        self._by_id: dict[int, _Request] = {}
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, stream: bool = False) -> int:
+        params.validate()
+        if not prompt_ids:
+            raise NanoR1Error("empty prompt: give at least one token")
+        if len(prompt_ids) >= self.max_seq_len:
+            raise NanoR1Error(f"prompt of {len(prompt_ids)} tokens does not fit the context of {self.max_seq_len} "
+                              "tokens; shorten it")
+        gen = torch.Generator().manual_seed(params.seed if params.seed is not None else self._rng.getrandbits(63))
+        stop = set(params.stop_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_id is not None:
+            stop.add(self.tokenizer.eos_id)
+        req = _Request(next(self._ids), list(prompt_ids), params, gen, frozenset(stop),
+                       track_text=stream or bool(params.stop_strings))
+        self.waiting.append(req)
+        self._by_id[req.id] = req
+        return req.id
+
+    def abort(self, request_id: int) -> None:
+        req = self._by_id.pop(request_id, None)
+        if req is None:
+            return
+        if req in self.waiting:
+            self.waiting.remove(req)
+        elif req.slot >= 0 and self.running.get(req.slot) is req:
+            self._free(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _free(self, req: _Request) -> None:
+        del self.running[req.slot]
+        self.backend.release(req.slot)
+        self.free_slots.append(req.slot)
+        self.free_slots.sort()
+
+    # ------------------------------------------------------------------ one step
+    def step(self) -> list[StepOutput]:
+        outputs: list[StepOutput] = []
+        decoding = list(self.running.values())
+        if decoding:
+            tokens = torch.tensor([r.ids[-1] for r in decoding])
+            logits = self.backend.decode(tokens, [r.slot for r in decoding])
+            outputs += self._accept(decoding, logits)
+        admitted = self._admit()
+        if admitted:
+            logits = self.backend.prefill([r.prompt_ids for r in admitted], [r.slot for r in admitted])
+            outputs += self._accept(admitted, logits)
+        return outputs
+
+    def _admit(self) -> list[_Request]:
+        if not self.backend.continuous and self.running:
+            return []
+        admitted = []
+        while self.waiting and self.free_slots:
+            req = self.waiting.popleft()
+            req.slot = self.free_slots.pop(0)
+            self.running[req.slot] = req
+            admitted.append(req)
+        return admitted
+
+    def _accept(self, reqs: list[_Request], logits: torch.Tensor) -> list[StepOutput]:
+        p = [r.params for r in reqs]
+        tokens, logprobs = sample_tokens(
+            logits, torch.tensor([x.temperature for x in p]), torch.tensor([x.top_k for x in p]),
+            torch.tensor([x.top_p for x in p]), [r.generator for r in reqs])
+        outs = []
+        for req, tok, lp in zip(reqs, tokens.tolist(), logprobs.tolist()):
+            outs.append(self._append(req, tok, lp))
+        return outs
+
+    def _append(self, req: _Request, tok: int, lp: float) -> StepOutput:
+        if tok in req.stop_ids:
+            req.finish_reason, req.stop_token_id, req.stop_logprob = "stop", tok, lp
+            return self._finish(req, None, None)
+        req.ids.append(tok)
+        req.logprobs.append(lp)
+        delta = ""
+        if req.track_text:
+            text = self.tokenizer.decode(req.ids)
+            cut = min((i for s in req.params.stop_strings if (i := text.find(s)) >= 0), default=-1)
+            if cut >= 0:
+                req.finish_reason = "stop"
+                return self._finish(req, tok, lp, final_text=text[:cut])
+            delta = self._safe_delta(req, text)
+        if len(req.ids) >= req.params.max_new_tokens or len(req.prompt_ids) + len(req.ids) >= self.max_seq_len:
+            req.finish_reason = "length"
+            return self._finish(req, tok, lp)
+        return StepOutput(req.id, tok, lp, delta, False, None)
+
+    def _safe_delta(self, req: _Request, text: str) -> str:
+        """New text, holding back a trailing partial UTF-8 character or a possible stop-string prefix."""
+        safe = len(text)
+        if text.endswith("\ufffd"):
+            safe = len(text.rstrip("\ufffd"))
+        for s in req.params.stop_strings:
+            for n in range(min(len(s) - 1, safe), 0, -1):
+                if text[safe - n:safe] == s[:n]:
+                    safe -= n
+                    break
+        delta = text[len(req.emitted):safe] if safe > len(req.emitted) else ""
+        req.emitted += delta
+        return delta
+
+    def _finish(self, req: _Request, tok, lp, final_text: str | None = None) -> StepOutput:
+        text = final_text if final_text is not None else (self.tokenizer.decode(req.ids) if self.tokenizer else "")
+        req.text = text
+        delta = text[len(req.emitted):] if req.track_text and text.startswith(req.emitted) else ""
+        self._free(req)
+        return StepOutput(req.id, tok, lp, delta, True, req.finish_reason)
+
+    # ------------------------------------------------------------------ whole batches
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 progress: bool = False) -> list[Completion]:
+        """Run every prompt to completion; results come back in prompt order."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        if len(plist) != len(prompts):
+            raise NanoR1Error(f"{len(prompts)} prompts but {len(plist)} sampling params")
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, plist)]
+        reqs = [self._by_id[i] for i in ids]
+        bar = None
+        if progress:
+            from nanor1.common import progress as make_bar
+            bar = make_bar(total=len(prompts), desc="generate", unit="seq")
+        try:
+            while any(r.finish_reason is None for r in reqs):
+                done = sum(o.finished for o in self.step())
+                if bar is not None and done:
+                    bar.update(done)
+        except BaseException:
+            for i in ids:
+                self.abort(i)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        out = []
+        for r in reqs:
+            self._by_id.pop(r.id, None)
+            out.append(Completion(r.prompt_ids, r.ids, r.text, r.finish_reason, r.logprobs, r.stop_token_id,
+                                  r.stop_logprob))
+        return out
