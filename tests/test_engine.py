@@ -1,0 +1,88 @@
+"""The engine against plain recomputation: cached greedy equals full-sequence greedy, token for token."""
+
+import torch
+
+from nanor1.engine import Engine, SamplingParams, sample_tokens
+
+PROMPTS = [[1, 2, 3], [5, 6, 7, 8, 9, 10, 11], [4], [9, 9, 9, 9, 9, 3]]
+
+
+def reference_greedy(model, prompt, n):
+    """Greedy decoding by recomputing the whole sequence at every step, no cache."""
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_cached_greedy_equals_recompute(tiny_model):
+    outs = Engine(tiny_model, None, max_batch=8).generate(PROMPTS, SamplingParams(max_new_tokens=24, temperature=0))
+    for prompt, out in zip(PROMPTS, outs):
+        assert out.ids == reference_greedy(tiny_model, prompt, 24)
+        assert out.finish_reason == "length"
+
+
+def test_batching_does_not_change_greedy(tiny_model):
+    params = SamplingParams(max_new_tokens=16, temperature=0)
+    together = Engine(tiny_model, None, max_batch=8).generate(PROMPTS, params)
+    alone = [Engine(tiny_model, None, max_batch=1).generate([p], params)[0] for p in PROMPTS]
+    assert [o.ids for o in together] == [o.ids for o in alone]
+
+
+def test_same_seed_same_sample_whatever_the_batch(tiny_model):
+    params = [SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.9, seed=s) for s in range(4)]
+    a = Engine(tiny_model, None, max_batch=8).generate(PROMPTS, params)
+    b = Engine(tiny_model, None, max_batch=2).generate(PROMPTS[::-1], params[::-1])[::-1]
+    assert [o.ids for o in a] == [o.ids for o in b]
+    c = Engine(tiny_model, None).generate(PROMPTS, [SamplingParams(max_new_tokens=12, seed=s + 10) for s in range(4)])
+    assert [o.ids for o in a] != [o.ids for o in c]
+
+
+def test_more_prompts_than_slots_and_stop_tokens(tiny_model):
+    greedy = reference_greedy(tiny_model, PROMPTS[1], 10)
+    stop = greedy[4]
+    first = greedy.index(stop)
+    outs = Engine(tiny_model, None, max_batch=2).generate(
+        PROMPTS * 2, SamplingParams(max_new_tokens=10, temperature=0, stop_token_ids=(stop,)))
+    assert len(outs) == 8
+    assert outs[1].ids == greedy[:first] and outs[1].finish_reason == "stop" and outs[1].stop_token_id == stop
+
+
+def test_logprobs_are_model_logprobs(tiny_model):
+    out = Engine(tiny_model, None).generate([PROMPTS[0]], SamplingParams(max_new_tokens=6, temperature=0.7, seed=1))[0]
+    seq = torch.tensor([PROMPTS[0] + out.ids])
+    with torch.no_grad():
+        logits = tiny_model(seq).logits[0, len(PROMPTS[0]) - 1:-1] / 0.7
+    ref = torch.log_softmax(logits, -1).gather(1, torch.tensor(out.ids)[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(out.logprobs), ref, atol=1e-4)
+
+
+def test_top_k_and_top_p_filter():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]] * 200)
+    gens = [torch.Generator().manual_seed(i) for i in range(200)]
+    ones = torch.ones(200)
+    tok, _ = sample_tokens(logits, ones, torch.full((200,), 2), ones, gens)
+    assert set(tok.tolist()) <= {0, 1} and len(set(tok.tolist())) == 2
+    # softmax([3,2,1,0]) = [.644, .237, .087, .032]: top_p 0.7 keeps the first two
+    tok, _ = sample_tokens(logits, ones, torch.zeros(200, dtype=torch.long), torch.full((200,), 0.7), gens)
+    assert set(tok.tolist()) <= {0, 1}
+
+
+def test_prompt_longer_than_context_is_a_clear_error(tiny_model):
+    import pytest
+    from nanor1.common import NanoR1Error
+    with pytest.raises(NanoR1Error, match="does not fit the context"):
+        Engine(tiny_model, None).generate([[1] * 100], SamplingParams(max_new_tokens=4))
+
+
+def test_abort_frees_the_slot(tiny_model):
+    eng = Engine(tiny_model, None, max_batch=1)
+    a = eng.add_request([1, 2], SamplingParams(max_new_tokens=50, temperature=0))
+    eng.add_request([3, 4], SamplingParams(max_new_tokens=3, temperature=0))
+    eng.step()
+    eng.abort(a)
+    finished = []
+    for _ in range(10):
+        finished += [o for o in eng.step() if o.finished]
+    assert len(finished) == 1 and not eng.has_unfinished()

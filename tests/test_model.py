@@ -1,0 +1,145 @@
+"""The model against the transformers DeepseekV3 reference, plus MoE balancing and MTP behaviour."""
+
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from nanor1.model import ModelConfig, Transformer
+from nanor1.model.hf import import_hf, to_hf_config, to_hf_state_dict
+
+CONFIGS = {
+    "tiny (q-lora, grouped routing, MTP)": ModelConfig.preset("tiny"),
+    "no q-lora, tied, route scale": ModelConfig.preset("tiny", q_lora_rank=0, n_expert_groups=1, n_limited_groups=1,
+                                                       tie_embeddings=True, route_scale=2.5),
+    "4 groups pick 2, top-3, 2 shared": ModelConfig.preset("tiny", n_routed_experts=8, n_expert_groups=4,
+                                                          n_limited_groups=2, n_activated_experts=3,
+                                                          n_shared_experts=2, n_dense_layers=0, norm_topk_prob=False),
+    "dense only": ModelConfig.preset("tiny", n_routed_experts=0, n_mtp_layers=0),
+}
+
+
+def _export(model, folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(to_hf_config(model.cfg)))
+    save_file(to_hf_state_dict(model), str(folder / "model.safetensors"))
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_match_transformers(name, tmp_path):
+    from transformers import AutoModelForCausalLM
+    cfg = CONFIGS[name]
+    model = Transformer(cfg).init_weights(1).eval()
+    for moe in model.moe_layers():  # a non-zero balancing bias must route the same way in both
+        moe.gate.e_score_correction_bias.normal_(0, 0.05)
+    _export(model, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert type(ref).__name__ == "DeepseekV3ForCausalLM"
+    idx = torch.randint(0, cfg.vocab_size, (3, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = model(idx).logits, ref(idx).logits
+    assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def test_import_roundtrip(tmp_path):
+    model = Transformer(CONFIGS["tiny (q-lora, grouped routing, MTP)"]).init_weights(2)
+    _export(model, tmp_path)
+    back = import_hf(tmp_path)
+    assert back.cfg == model.cfg
+    for (k, a), (_, b) in zip(model.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_param_count_formula_matches_module():
+    for name in ("tiny", "speedrun"):
+        cfg = ModelConfig.preset(name)
+        counts = cfg.param_counts()
+        assert Transformer(cfg).num_params() == counts["total"] + counts["mtp"]
+
+
+def test_v3_builds_on_meta_with_published_size():
+    cfg = ModelConfig.preset("v3")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    counts = cfg.param_counts()
+    assert model.num_params() == counts["total"] + counts["mtp"]
+    assert 670e9 < counts["total"] < 672e9  # "671B total parameters" (DeepSeek-V3 report)
+    assert 36.5e9 < counts["active"] < 38e9  # "37B activated for each token"
+
+
+def test_aux_free_bias_moves_against_load(tiny_model):
+    model = tiny_model.train()
+    moe = model.moe_layers()[0]
+    moe.expert_load.copy_(torch.tensor([10.0, 0, 0, 0, 0, 0, 0, 6]))
+    before = moe.gate.e_score_correction_bias.clone()
+    frac = moe.update_bias()
+    delta = moe.gate.e_score_correction_bias - before
+    gamma = model.cfg.bias_update_speed
+    assert torch.allclose(delta, torch.tensor([-gamma] + [gamma] * 6 + [-gamma]))  # mean load is 2
+    assert torch.allclose(frac.sum(), torch.tensor(1.0))
+    assert moe.expert_load.sum() == 0
+
+
+def test_training_counts_expert_load(tiny_model):
+    model = tiny_model.train()
+    idx = torch.randint(0, 128, (2, 16))
+    model(idx, idx)
+    load = model.moe_layers()[0].expert_load
+    assert load.sum() == 2 * 16 * model.cfg.n_activated_experts
+
+
+def test_sequence_balance_loss_formula():
+    cfg = ModelConfig.preset("tiny", seq_aux_loss_alpha=0.01)
+    model = Transformer(cfg).init_weights(0).train()
+    moe = model.moe_layers()[0]
+    scores = torch.rand(1, 4, 8) + 0.1
+    idx = torch.tensor([[[0, 1], [0, 2], [0, 1], [3, 0]]])
+    # eq. 18: f_i = E / (K T) * count_i; eq. 20: P_i = mean_t s_i,t / sum_j s_j,t
+    counts = torch.tensor([4.0, 2, 1, 1, 0, 0, 0, 0])
+    f = counts * 8 / (2 * 4)
+    p = (scores[0] / scores[0].sum(-1, keepdim=True)).mean(0)
+    expected = 0.01 * (f * p).sum()
+    assert torch.allclose(moe._sequence_balance_loss(scores, idx), expected)
+
+
+def test_mtp_loss_predicts_two_ahead():
+    """With an MTP module the loss includes a term for token i+2; a model can't lower it by copying i+1."""
+    cfg = ModelConfig.preset("tiny")
+    model = Transformer(cfg).init_weights(0)
+    idx = torch.randint(0, 128, (2, 16))
+    tgt = torch.roll(idx, -1, 1)
+    out = model(idx, tgt)
+    assert out.mtp_loss is not None
+    assert torch.allclose(out.loss, out.lm_loss + cfg.mtp_loss_weight * out.mtp_loss)
+    no_mtp = Transformer(ModelConfig.preset("tiny", n_mtp_layers=0)).init_weights(0)
+    assert no_mtp(idx, tgt).mtp_loss is None
+
+
+def test_ignored_targets_take_no_loss(tiny_model):
+    idx = torch.randint(0, 128, (1, 10))
+    tgt = torch.full((1, 10), -100)
+    tgt[0, 3] = 7
+    out = tiny_model(idx, tgt)
+    logp = torch.log_softmax(out.logits[0, 3].float(), -1)[7]
+    assert torch.allclose(out.lm_loss, -logp, atol=1e-5)
+
+
+def test_kv_cache_is_latent_sized():
+    cfg = ModelConfig.preset("speedrun")
+    cache = Transformer(cfg).new_cache(n_slots=2, max_len=10, dtype=torch.float32)
+    assert cache.kv.shape == (cfg.n_layers, 2, 10, cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+    n = cfg.kv_cache_numbers_per_token()
+    assert n["mla"] * 4 == cache.nbytes() // 20  # bytes per token per slot
+    assert n["mha"] == cfg.n_layers * cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim)
+
+
+def test_bad_config_is_one_line_error():
+    from nanor1.common import NanoR1Error
+    with pytest.raises(NanoR1Error, match="n_activated_experts"):
+        ModelConfig.preset("tiny", n_activated_experts=9)
+    with pytest.raises(NanoR1Error, match="unknown model preset"):
+        ModelConfig.preset("huge")
