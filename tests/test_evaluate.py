@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from nanor1.common import NanoR1Error
+from nanor1.common import NanoR1Error, read_jsonl
 from nanor1.config import load_config
 from nanor1.evaluate import (EvalConfig, compare, format_compare_markdown, format_results_markdown,
                              per_problem_metrics, pass_ks, sample_seed, summarize)
@@ -108,3 +108,138 @@ def test_format_results_markdown_lists_every_accuracy_with_interval():
     e = m["lenient"]["pass@1"]
     assert f"| chain_sum | lenient | 2 | 0.500 [{e['lo']:.3f}, {e['hi']:.3f}] | 0.500 [" in md
     assert "| chain_sum | 1 | 1 |" in md and "temperature 0.6, top-p 0.95" in md
+
+
+# ----------------------------------------------------------------------------- end to end, tiny model
+
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+
+import torch  # noqa: E402
+
+import nanor1.evaluate as ev  # noqa: E402
+from nanor1.engine import Completion  # noqa: E402
+from nanor1.tasks import get_task  # noqa: E402
+from nanor1.templates import R1_ZERO_PROMPT, extract_answer_lenient, extract_answer_strict  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from nanor1.model.config import ModelConfig
+    from nanor1.model.transformer import Transformer
+    from nanor1.tokenizer import train_tokenizer
+    texts = [R1_ZERO_PROMPT, "Calculate 3 + 4. <think> 3 plus 4 </think> <answer> 7 </answer>"] * 20
+    tok = train_tokenizer(texts, vocab_size=400)
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("tiny", vocab_size=tok.vocab_size, max_seq_len=256, n_mtp_layers=0))
+    return model.eval(), tok
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(tasks=["chain_sum", "rg:basic_arithmetic"], n_problems=3, k=3, max_new_tokens=6,
+                template=Template.CHAT, batch_size=4, out_dir=str(tmp_path / "eval"))
+    return EvalConfig(**{**base, **kw})
+
+
+def test_evaluate_tiny_model_metrics_match_a_recount(tiny, tmp_path):
+    """Real engine on a random tiny model: every number in results.json recounted from generations.jsonl."""
+    model, tok = tiny
+    cfg = _cfg(tmp_path)
+    res = ev.evaluate(cfg, model, tok)
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "generations.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 3 * 3 and {r["task"] for r in rows} == {"chain_sum", "rg:basic_arithmetic"}
+    assert all(r["n_tokens"] <= 6 for r in rows)
+    for spec in cfg.tasks:
+        task = get_task(spec)
+        probs = {p.id: p for p in task.problems("eval", 3, 0)}
+        mine = [r for r in rows if r["task"] == spec]
+        strict = [task.score(extract_answer_strict(r["text"]), probs[r["problem_id"]]) >= 1 for r in mine]
+        lenient = [task.score(extract_answer_lenient(r["text"]), probs[r["problem_id"]]) >= 1 for r in mine]
+        m = res["tasks"][spec]["metrics"]
+        assert m["strict"]["pass@1"]["value"] == pytest.approx(sum(strict) / 9)    # equal problem sizes: plain mean
+        assert m["lenient"]["pass@1"]["value"] == pytest.approx(sum(lenient) / 9)
+        assert m["format_rate"]["value"] == pytest.approx(sum(extract_answer_strict(r["text"]) is not None
+                                                              for r in mine) / 9)
+        assert m["response_len"] == pytest.approx(sum(r["n_tokens"] for r in mine) / 9)
+        assert m["truncated_rate"] == pytest.approx(sum(r["finish_reason"] == "length" for r in mine) / 9)
+        assert set(res["problems"][spec]) == set(probs)
+    saved = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert saved["tasks"] == json.loads(json.dumps(res["tasks"])) and "overall" in saved
+    assert "| chain_sum | lenient | 3 |" in (tmp_path / "eval" / "results.md").read_text()
+
+
+def test_evaluate_resumes_from_cache_and_is_batch_invariant(tiny, tmp_path, monkeypatch):
+    model, tok = tiny
+    cfg = _cfg(tmp_path, tasks=["chain_sum"], k=2, max_new_tokens=4)
+    first = ev.evaluate(dataclasses.replace(cfg, batch_size=7), model, tok)
+    cache = tmp_path / "eval" / "generations.jsonl"
+    lines = cache.read_text().splitlines()
+    # interrupted run: drop the last samples, then rerun; only the missing ones are generated
+    cache.write_text("\n".join(lines[:-3]) + "\n" + lines[-3][:20])   # and a torn last line
+    calls = []
+    real = ev.Engine.generate
+    monkeypatch.setattr(ev.Engine, "generate",
+                        lambda self, p, s, **kw: calls.append(len(p)) or real(self, p, s, **kw))
+    again = ev.evaluate(dataclasses.replace(cfg, batch_size=2), model, tok)
+    assert sum(calls) == 3 and again["tasks"] == first["tasks"]
+    # a fully cached rerun generates nothing
+    calls.clear()
+    ev.evaluate(cfg, model, tok)
+    assert calls == []
+    # per-sample seeds: a fresh run with batch size 1 gives the same texts as batch size 7
+    ev.evaluate(dataclasses.replace(cfg, batch_size=1, out_dir=str(tmp_path / "b1")), model, tok)
+    def texts(path):
+        return sorted((r["task"], r["problem_id"], r["sample"], r["text"]) for r in read_jsonl(path))
+    assert len(texts(cache)) == 6 and texts(tmp_path / "b1" / "generations.jsonl") == texts(cache)
+    # a different sampling config is a different cache key: everything is generated again
+    calls.clear()
+    ev.evaluate(dataclasses.replace(cfg, max_new_tokens=3), model, tok)
+    assert sum(calls) == 6
+
+
+class _ScriptedEngine:
+    """Answers by sample index: 0 right in format, 1 right without format, 2 wrong in format."""
+
+    def __init__(self, model, tokenizer, max_batch=64):
+        self.tok = tokenizer
+
+    def generate(self, prompts, params):
+        out = []
+        for ids, sp in zip(prompts, params):
+            text = self.tok.decode(ids)
+            q = text.split("<|user|>")[1].split("<|assistant|>")[0]
+            right = str(sum(int(x) for x in q.split("+")))
+            i = _ScriptedEngine.index[sp.seed]
+            comp = [f"<think> adding </think> <answer>{right}</answer>", f"so it is {right}",
+                    "<think> hmm </think> <answer> 0 </answer>"][i]
+            out.append(Completion(ids, [1] * (i + 2), comp, "stop", []))
+        return out
+
+
+def test_evaluate_scoring_hand_values(tiny, tmp_path, monkeypatch):
+    model, tok = tiny
+    cfg = _cfg(tmp_path, tasks=["chain_sum"], difficulties=[0, 1])
+    probs = [(f"{d}/{p.id}") for d in (0, 1) for p in get_task("chain_sum", difficulty=d).problems("eval", 3, 0)]
+    _ScriptedEngine.index = {ev.sample_seed(0, "chain_sum", key, s): s for key in probs for s in range(3)}
+    monkeypatch.setattr(ev, "Engine", _ScriptedEngine)
+    res = ev.evaluate(cfg, model, tok)
+    m = res["tasks"]["chain_sum"]["metrics"]
+    assert m["n_problems"] == 6 and set(res["tasks"]["chain_sum"]["by_difficulty"]) == {"0", "1"}
+    # strict: 1 of 3 right per problem; lenient: 2 of 3; votes: strict tie (right, "0") -> first seen wins
+    assert m["strict"]["pass@1"]["value"] == pytest.approx(1 / 3)
+    assert m["lenient"]["pass@1"]["value"] == pytest.approx(2 / 3)
+    assert m["lenient"]["cons@3"]["value"] == 1.0 and m["strict"]["cons@3"]["value"] == 1.0
+    assert m["lenient"]["pass@2"]["value"] == pytest.approx(1.0)                # c=2 of 3: any pair has one
+    assert m["strict"]["pass@2"]["value"] == pytest.approx(1 - 1 / 3)           # 1 - C(2,2)/C(3,2)
+    assert m["format_rate"]["value"] == pytest.approx(2 / 3)
+    assert m["response_len"] == pytest.approx(3.0)                             # (2 + 3 + 4) / 3
+    # identical problems: the interval collapses to Wilson over all 18 samples (design effect 1)
+    from nanor1.evalmath import wilson_interval
+    assert (m["strict"]["pass@1"]["lo"], m["strict"]["pass@1"]["hi"]) == pytest.approx(wilson_interval(6, 18)[1:])
+
+
+def test_greedy_evaluates_one_sample(tiny, tmp_path):
+    model, tok = tiny
+    res = ev.evaluate(_cfg(tmp_path, tasks=["chain_sum"], greedy=True, k=8, out_dir=""), model, tok)
+    assert res["k"] == 1 and list(res["tasks"]["chain_sum"]["metrics"]["lenient"]) == ["pass@1"]
+    assert not (tmp_path / "eval").exists()
