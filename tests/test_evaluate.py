@@ -1,14 +1,20 @@
 """The eval stage: metrics from hand-made records, paired comparison, and end-to-end runs on a tiny model."""
 
+import dataclasses
+import json
 import math
 
 import pytest
+import torch
 
+import nanor1.evaluate as ev
 from nanor1.common import NanoR1Error, read_jsonl
 from nanor1.config import load_config
+from nanor1.engine import Completion
 from nanor1.evaluate import (EvalConfig, compare, format_compare_markdown, format_results_markdown,
-                             per_problem_metrics, pass_ks, sample_seed, summarize)
-from nanor1.templates import Template
+                             per_problem_metrics, pass_ks, run_compare, sample_seed, summarize)
+from nanor1.tasks import get_task
+from nanor1.templates import R1_ZERO_PROMPT, Template, extract_answer_lenient, extract_answer_strict
 
 
 def _rec(strict, lenient, fmt, n_tokens, truncated, cons_lenient, cons_strict=False, difficulty=None):
@@ -97,6 +103,17 @@ def test_compare_pairs_shared_problems():
         compare(a, _results("c", {"zzz": 1.0}))
 
 
+def test_run_compare_reads_result_folders(tmp_path):
+    for name, vals in (("a", {"p1": 1.0, "p2": 0.0}), ("b", {"p1": 0.0, "p2": 0.0})):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(_results(name, vals)))
+    cfg = EvalConfig(out_dir=str(tmp_path / "cmp"))
+    cmp = run_compare(cfg, str(tmp_path / "a"), str(tmp_path / "b" / "results.json"))
+    assert cmp["tasks"]["t"]["strict"]["pass@1"]["diff"]["value"] == pytest.approx(0.5)
+    assert json.loads((tmp_path / "cmp" / "compare.json").read_text()) == json.loads(json.dumps(cmp))
+    assert "| t | strict | pass@1 | 2 | 0.500 | 0.000 | +0.500 [" in (tmp_path / "cmp" / "compare.md").read_text()
+
+
 def test_format_results_markdown_lists_every_accuracy_with_interval():
     m = summarize(RECORDS, 4, 1.96)
     res = {"model": {"name": "tiny", "fingerprint": "ab"}, "k": 4,
@@ -111,17 +128,6 @@ def test_format_results_markdown_lists_every_accuracy_with_interval():
 
 
 # ----------------------------------------------------------------------------- end to end, tiny model
-
-import dataclasses  # noqa: E402
-import json  # noqa: E402
-
-import torch  # noqa: E402
-
-import nanor1.evaluate as ev  # noqa: E402
-from nanor1.engine import Completion  # noqa: E402
-from nanor1.tasks import get_task  # noqa: E402
-from nanor1.templates import R1_ZERO_PROMPT, extract_answer_lenient, extract_answer_strict  # noqa: E402
-
 
 @pytest.fixture(scope="module")
 def tiny():
