@@ -78,6 +78,9 @@ def pretrain_documents(task: Task, n_docs: int, seed: int, mix: CorpusMix | None
     shares = {k: getattr(mix, k.value) for k in DocKind}
     rng = random.Random(f"corpus:{task.name}:{seed}")
     probe = task.problems("train", 1, seed)[0]
+    if not probe.answer:
+        raise NanoR1Error(f"task {task.name} has no reference answers (its scorer verifies solutions), so it "
+                          "cannot make pretraining documents; use a task with answers")
     if task.worked_solution(probe) is None:
         shares[DocKind.DIRECT] += shares.pop(DocKind.WORKED)
         shares[DocKind.TAGGED_DIRECT] += shares.pop(DocKind.TAGGED_REASONING)

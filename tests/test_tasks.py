@@ -289,3 +289,41 @@ def test_task_splits_are_decontaminated():
     train = [p.question for p in task.problems("train", 3000)]
     evals = [p.question for p in task.problems("eval", 200)]
     assert ngram_overlap(train, evals).n_contaminated == 0
+
+
+def test_reasoning_gym_task_without_reference_answers():
+    task = get_task("rg:graph_color")
+    p = task.problems("train", 1)[0]
+    assert p.answer == "" and task.score("garbage", p) == 0.0
+    # the scorer verifies a solution instead: a proper colouring (checked here by us) scores 1
+    puzzle = p.meta["entry"]["metadata"]["puzzle"]
+    colours = {v: puzzle["color_options"][0] for v in puzzle["vertices"]}
+    for a, b in puzzle["edges"]:
+        if colours[a] == colours[b]:
+            colours[b] = next(c for c in puzzle["color_options"] if all(
+                c != colours[u] for e in puzzle["edges"] for u in e if b in e and u != b))
+    assert all(colours[a] != colours[b] for a, b in puzzle["edges"])
+    assert task.score(json.dumps({str(k): v for k, v in colours.items()}), p) == 1.0
+    monochrome = {str(v): 1 for v in puzzle["vertices"]}
+    assert task.score(json.dumps(monochrome), p) < 1.0
+    from nanor1.corpus import pretrain_documents
+    with pytest.raises(NanoR1Error, match="no reference answers"):
+        pretrain_documents(task, 10, 0)
+
+
+@pytest.mark.slow
+def test_every_reasoning_gym_task_generates_renders_and_scores():
+    from nanor1.templates import Template, render_prompt
+    for name, _ in list_tasks():
+        if not name.startswith("rg:"):
+            continue
+        if name == "rg:composite":   # a mixture: it needs its member datasets in the options
+            with pytest.raises(NanoR1Error, match="rg:composite"):
+                get_task(name)
+            continue
+        task = get_task(name)
+        for p in task.problems("train", 1) + task.problems("eval", 1):
+            assert p.question and render_prompt(p.question, Template.R1_ZERO)
+            assert task.score(None, p) == 0.0 and 0.0 <= task.score("garbage", p) <= 1.0
+            if p.answer:
+                assert task.score(p.answer, p) == 1.0, name

