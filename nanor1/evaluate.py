@@ -127,9 +127,9 @@ def _generate(cfg: EvalConfig, model, tokenizer, requests: list[tuple[str, str, 
                        "prompt_sha": psha, "text": c.text, "n_tokens": len(c.ids),
                        "finish_reason": c.finish_reason}
                 done[(t, u, s)] = row
-                if f is not None:   # one flushed line per sample: an interrupted run loses at most a batch
+                if f is not None:
                     f.write(json.dumps(row) + "\n")
-            if f is not None:
+            if f is not None:   # flushed per batch: an interrupted run loses at most the batch in flight
                 f.flush()
             bar.update(len(batch))
         bar.close()
