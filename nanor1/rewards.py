@@ -7,6 +7,7 @@ Example: `compute_rewards([" <think> 3+5=8 </think> <answer>8</answer>"], [probl
 from __future__ import annotations
 
 import enum
+import functools
 import importlib
 import importlib.util
 import math
@@ -117,6 +118,7 @@ def overlong_reward(n_tokens: int, max_tokens: int, cache_tokens: int) -> float:
 UserReward = Callable[..., float]  # fn(completion: str, problem: Problem) -> float
 
 
+@functools.lru_cache(maxsize=None)  # compute_rewards runs every step: import each user module once
 def load_user_reward(spec: str) -> UserReward:
     """"package.module:function" or "path/to/file.py:function"; called as fn(completion, problem)."""
     module_name, sep, fn_name = spec.rpartition(":")

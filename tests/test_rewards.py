@@ -112,6 +112,7 @@ def user_module(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     yield tmp_path
     sys.modules.pop("myrewards", None)
+    load_user_reward.cache_clear()
 
 
 def test_user_rewards(user_module):

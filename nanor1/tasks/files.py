@@ -178,7 +178,8 @@ class FileTask(Task):
         parts = load_rows(self.path)
         held_out = [k for k in ("test", "validation", "eval") if k in parts]
         if eval_file is not None:
-            evals = read(load_rows(eval_file)["train"], Path(eval_file))
+            eval_parts = load_rows(eval_file)
+            evals = read(eval_parts.get("train") or next(iter(eval_parts.values())), Path(eval_file))
         elif held_out and len(parts) > 1:
             evals = read(parts[held_out[0]], self.path)
         else:
