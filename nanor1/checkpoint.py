@@ -205,10 +205,13 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return path if (path / MANIFEST).is_file() else None
 
 
-def save_run_checkpoint(run_dir: str | Path, step: int, model: Transformer, keep: int = 2, **kwargs) -> Path:
-    """Save ckpt/step_XXXXXX, point ckpt/latest at it, and keep only the newest `keep` checkpoints."""
+def save_run_checkpoint(run_dir: str | Path, step: int, model: Transformer | None = None, keep: int = 2,
+                        save=None, **kwargs) -> Path:
+    """Save ckpt/step_XXXXXXX (with `save(folder)` if given, else save_checkpoint of `model`), point
+    ckpt/latest at it, and keep only the newest `keep` checkpoints."""
     ckpt_dir = Path(run_dir) / "ckpt"
-    path = save_checkpoint(ckpt_dir / f"step_{step:07d}", model, **kwargs)
+    folder = ckpt_dir / f"step_{step:07d}"
+    path = save(folder) if save is not None else save_checkpoint(folder, model, **kwargs)
     atomic_write_text(ckpt_dir / "latest", path.name + "\n")
     steps = sorted(p for p in ckpt_dir.glob("step_*") if p.is_dir())
     for old in steps[:-keep]:

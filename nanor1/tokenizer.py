@@ -279,3 +279,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer | HFTokenizer:
         return HFTokenizer(AutoTokenizer.from_pretrained(str(path), local_files_only=True))
     except (OSError, ValueError) as e:
         raise NanoR1Error(f"{path}: no tokenizer could be loaded ({str(e).splitlines()[0][:200]})") from None
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """A template-rendered prompt as model input: BOS (when the tokenizer has one) + the text, with the
+    template's own tags as control tokens. User text must already be inside the rendered template."""
+    bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
+    return bos + tokenizer.encode(text, allow_special=True)

@@ -1,0 +1,249 @@
+"""GRPO (DeepSeekMath section 4.1; DeepSeek-R1 section 2.2): reinforcement learning with verifiable rewards.
+
+    nanor1 grpo model=runs/base/final out_dir=runs/r1zero steps=80      # R1-Zero: RL straight from a base
+Each step samples G completions for each of `prompts_per_step` problems with the engine, scores them with the
+rule-based rewards, turns rewards into group-relative advantages and takes `mu` clipped policy-gradient
+steps (nanor1/rl.py has the math). Works for nanor1 models and any local Hugging Face causal LM.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from nanor1.checkpoint import latest_checkpoint, load_train_state, save_run_checkpoint
+from nanor1.common import JsonlLogger, NanoR1Error, autocast, progress, resolve_device, resolve_dtype, set_threads
+from nanor1.config import save_config, to_dict
+from nanor1.engine import Completion, SamplingParams
+from nanor1.rewards import RewardConfig, compute_rewards
+from nanor1.rl import GRPOLossConfig, gather_logprobs, group_advantages, policy_loss, token_entropy, \
+    zero_variance_groups
+from nanor1.templates import Template, render_prompt
+from nanor1.train import OptimConfig, Schedule, lr_at, make_optimizer
+
+
+@dataclass
+class GRPOConfig:
+    model: str = ""  # the starting policy: nanor1 checkpoint/run folder or local HF model
+    out_dir: str = "runs/grpo"
+    task: str = "chain_sum"
+    task_options: dict = field(default_factory=dict)
+    template: Template = Template.R1_ZERO
+    steps: int = 80
+    prompts_per_step: int = 16
+    group_size: int = 8  # G
+    max_new_tokens: int = 96
+    temperature: float = 1.0  # rollout temperature; log-probs use the same one so the ratio starts at 1
+    top_p: float = 1.0
+    mu: int = 1  # policy updates per batch of rollouts (1 = strictly on-policy)
+    micro_batch: int = 64  # sequences per forward/backward
+    loss: GRPOLossConfig = field(default_factory=lambda: GRPOLossConfig(beta=0.0))
+    rewards: RewardConfig = field(default_factory=RewardConfig)
+    dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal (they carry no signal)
+    overlong_filter: bool = False  # DAPO: no loss on truncated completions (their reward is noise)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, warmup_steps=0, weight_decay=0.0,
+                                                                    schedule=Schedule.CONSTANT))
+    sample_every: int = 10
+    ckpt_every: int = 20
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "bfloat16"  # autocast for the policy-gradient forward/backward
+    resume: bool = False
+    progress: bool = True
+    stage: str = "grpo"
+
+    def validate(self) -> None:
+        self.loss.validate()
+        self.optim.validate()
+        self.rewards.validate()
+        if not self.model:
+            raise NanoR1Error("no model given: set model=<checkpoint folder or HF model folder>")
+        for name in ("steps", "prompts_per_step", "max_new_tokens", "mu", "micro_batch", "sample_every",
+                     "ckpt_every"):
+            if getattr(self, name) < 1:
+                raise NanoR1Error(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.group_size < 2:
+            raise NanoR1Error(f"group_size must be >= 2 (advantages compare completions within a group), "
+                              f"got {self.group_size}")
+        if self.temperature <= 0:
+            raise NanoR1Error("GRPO samples: temperature must be > 0")
+
+
+# ----------------------------------------------------------------------------- one batch of rollouts
+
+@dataclass
+class Rollouts:
+    inputs: torch.Tensor  # (N, L-1) prompt + completion, right-padded
+    targets: torch.Tensor  # (N, L-1) next tokens
+    mask: torch.Tensor  # (N, L-1) True on completion tokens that take loss
+    attention: torch.Tensor  # (N, L-1) True on real tokens
+    rewards: dict[str, list[float]]
+    completions: list[Completion]
+
+
+def build_batch(prompts: list[list[int]], comps: list[Completion], pad_id: int, overlong_filter: bool):
+    """Token tensors for the policy forward: each row is prompt + completion (+ its stop token)."""
+    seqs = [p + c.ids + ([c.stop_token_id] if c.stop_token_id is not None else []) for p, c in zip(prompts, comps)]
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), L, dtype=torch.bool)
+    attention = torch.zeros(len(seqs), L, dtype=torch.bool)
+    for i, (p, s, c) in enumerate(zip(prompts, seqs, comps)):
+        ids[i, : len(s)] = torch.tensor(s)
+        attention[i, : len(s)] = True
+        if not (overlong_filter and c.finish_reason == "length"):
+            mask[i, len(p): len(s)] = True
+    return ids[:, :-1], ids[:, 1:], mask[:, 1:], attention[:, :-1]
+
+
+def rollout(policy, engine, task, problems, cfg: GRPOConfig, step: int):
+    from nanor1.tokenizer import encode_prompt
+    tok = policy.tokenizer
+    prompts = [encode_prompt(tok, render_prompt(p.question, cfg.template, tok)) for p in problems]
+    longest = max(len(p) for p in prompts)
+    if longest + cfg.max_new_tokens > policy.max_seq_len:
+        raise NanoR1Error(f"a prompt of {longest} tokens + max_new_tokens {cfg.max_new_tokens} exceeds the "
+                          f"model's context of {policy.max_seq_len}; lower max_new_tokens or use shorter prompts")
+    G = cfg.group_size
+    prompts_g = [p for p in prompts for _ in range(G)]
+    params = [SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                             seed=hash((cfg.seed, step, i)) & (2 ** 62 - 1)) for i in range(len(prompts_g))]
+    comps = engine.generate(prompts_g, params)
+    problems_g = [p for p in problems for _ in range(G)]
+    rewards = compute_rewards([c.text for c in comps], problems_g, task, cfg.rewards,
+                              n_tokens=[len(c.ids) for c in comps])
+    x, y, mask, att = build_batch(prompts_g, comps, tok.pad_id or 0, cfg.overlong_filter)
+    return Rollouts(x, y, mask, att, rewards, comps)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def _logp(policy, x, y, att, temperature, device, dtype, want_logits=False):
+    with autocast(device, dtype):
+        logits = policy.logits(x.to(device), att.to(device))
+    logp = gather_logprobs(logits, y.to(device), temperature=temperature)
+    return (logp, logits) if want_logits else logp
+
+
+def grpo(cfg: GRPOConfig, policy=None) -> Path:
+    """Run GRPO from `cfg.model` (or an in-memory Policy); returns the final policy's folder."""
+    from nanor1.policy import load_policy
+    from nanor1.tasks import get_task
+    cfg.validate()
+    set_threads()
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "config.yaml")
+    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+    start = 0
+    resume_from = latest_checkpoint(out_dir) if cfg.resume else None
+    if cfg.resume and resume_from is None:
+        raise NanoR1Error(f"{out_dir}: nothing to resume (no ckpt/latest); run without resume=true")
+    if resume_from is not None:
+        policy = load_policy(resume_from, device)
+    elif policy is None:
+        policy = load_policy(cfg.model, device)
+    task = get_task(cfg.task, **cfg.task_options)
+    model = policy.model
+    ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.loss.needs_ref else None
+    if ref is not None and resume_from is not None:
+        ref.load_state_dict(load_policy(cfg.model, device).model.state_dict())
+    optimizer = make_optimizer(model, cfg.optim)
+    if resume_from is not None:
+        start = int(load_train_state(resume_from, optimizer)["step"])
+    G, n_seq = cfg.group_size, cfg.prompts_per_step * cfg.group_size
+    engine = policy.engine(max_batch=n_seq, seed=cfg.seed)
+    log, samples = JsonlLogger(out_dir / "metrics.jsonl"), JsonlLogger(out_dir / "samples.jsonl")
+    ckpt_kwargs = dict(kind=cfg.stage, run_config=to_dict(cfg), parent=cfg.model, seeds={"seed": cfg.seed})
+    bar = progress(total=cfg.steps, desc=cfg.stage, unit="step", disable=not cfg.progress)
+    bar.update(start)
+    for step in range(start, cfg.steps):
+        problems = task.problems("train", cfg.prompts_per_step, seed=cfg.seed * 1_000_003 + step)
+        if not problems:
+            raise NanoR1Error(f"task {cfg.task!r} has no training problems")
+        t0 = time.perf_counter()
+        model.eval()
+        ro = rollout(policy, engine, task, problems, cfg, step)
+        t_roll = time.perf_counter() - t0
+        total = torch.tensor(ro.rewards["total"])
+        adv = group_advantages(total, G, cfg.loss.adv_scale).flatten()
+        flat, zero_frac = zero_variance_groups(total, G)
+        mask = ro.mask.clone()
+        if cfg.dynamic_sampling:
+            mask &= ~flat.repeat_interleave(G)[:, None]
+        # one update per mu: old log-probs are the rollout policy's, recomputed in training numerics
+        t1 = time.perf_counter()
+        model.train()
+        chunks = [slice(i, i + cfg.micro_batch) for i in range(0, n_seq, cfg.micro_batch)]
+        old, refs = [None] * len(chunks), [None] * len(chunks)
+        with torch.no_grad():
+            for j, sl in enumerate(chunks):
+                if cfg.mu > 1:
+                    old[j] = _logp(policy, ro.inputs[sl], ro.targets[sl], ro.attention[sl], cfg.temperature,
+                                   device, dtype)
+                if ref is not None:
+                    with autocast(device, dtype):
+                        ref_logits = ref(ro.inputs[sl].to(device)).logits if policy.kind == "nanor1" else \
+                            ref(input_ids=ro.inputs[sl].to(device), attention_mask=ro.attention[sl].to(device)).logits
+                    refs[j] = gather_logprobs(ref_logits, ro.targets[sl].to(device), temperature=cfg.temperature)
+        lr = lr_at(step, cfg.steps, cfg.optim)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        n_tokens = int(mask.sum())
+        stats_acc: dict[str, float] = {}
+        for _ in range(cfg.mu):
+            for j, sl in enumerate(chunks):
+                logp, logits = _logp(policy, ro.inputs[sl], ro.targets[sl], ro.attention[sl], cfg.temperature,
+                                     device, dtype, want_logits=True)
+                m = mask[sl].to(device)
+                loss, stats = policy_loss(logp, old[j] if old[j] is not None else logp.detach(), adv[sl].to(device),
+                                          m, eps_low=cfg.loss.eps_low, eps_high=cfg.loss.eps_high, ref_logp=refs[j],
+                                          beta=cfg.loss.beta, loss_agg=cfg.loss.loss_agg,
+                                          max_len=cfg.max_new_tokens, num_seqs=n_seq, num_tokens=max(1, n_tokens))
+                if n_tokens:
+                    loss.backward()
+                w = float(m.sum()) / max(1, n_tokens)
+                for k in ("clip_frac", "kl"):
+                    if k in stats:
+                        stats_acc[k] = stats_acc.get(k, 0.0) + float(stats[k]) * w / cfg.mu
+                stats_acc["loss"] = stats_acc.get("loss", 0.0) + loss.item() / cfg.mu
+                if j == 0:
+                    stats_acc["entropy"] = float(token_entropy(logits.detach(), m))
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
+            if not torch.isfinite(grad_norm):
+                raise NanoR1Error(f"{cfg.stage}: gradient became non-finite at step {step}; lower the learning rate")
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if policy.kind == "nanor1":
+            model.update_moe_bias()
+        t_train = time.perf_counter() - t1
+        lens = [len(c.ids) for c in ro.completions]
+        row = {"stage": cfg.stage, "step": step + 1, "lr": lr, "grad_norm": float(grad_norm),
+               "reward_mean": float(total.mean()), "reward_std": float(total.std()),
+               **{f"reward/{k}": sum(v) / len(v) for k, v in ro.rewards.items() if k != "total"},
+               "accuracy": sum(ro.rewards["accuracy"]) / n_seq, "format": sum(ro.rewards["format"]) / n_seq,
+               "response_len": sum(lens) / n_seq, "zero_std_frac": zero_frac,
+               "truncated_frac": sum(c.finish_reason == "length" for c in ro.completions) / n_seq,
+               "rollout_tokens_per_s": sum(lens) / t_roll, "train_tokens_per_s": int(ro.attention.sum()) / t_train,
+               "rollout_s": t_roll, "train_s": t_train, **stats_acc}
+        log.log(**row)
+        if (step + 1) % cfg.sample_every == 0 or step == start:
+            for i in range(0, n_seq, G)[:4]:
+                samples.log(stage=cfg.stage, step=step + 1, prompt=problems[i // G].question,
+                            answer=problems[i // G].answer, completion=ro.completions[i].text,
+                            reward=ro.rewards["total"][i])
+        bar.update(1)
+        bar.set_postfix(reward=f"{row['reward_mean']:.2f}", acc=f"{row['accuracy']:.2f}",
+                        len=f"{row['response_len']:.0f}")
+        if (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:
+            save_run_checkpoint(out_dir, step + 1, save=lambda f: policy.save(
+                f, optimizer=optimizer, train_state={"step": step + 1}, **ckpt_kwargs))
+    bar.close()
+    log.close()
+    samples.close()
+    model.eval()
+    return policy.save(out_dir / "final", **ckpt_kwargs)

@@ -1,0 +1,95 @@
+"""A policy is a model plus its tokenizer, whatever it came from: a nanor1 checkpoint, a DeepSeek-V3-layout
+Hugging Face folder (imported as a nanor1 model), or any other local Hugging Face causal LM (including a
+GGUF file). Training stages, evaluation and serving only see this interface.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from nanor1.checkpoint import is_checkpoint, latest_checkpoint, load_model, save_checkpoint
+from nanor1.common import NanoR1Error
+from nanor1.engine import Engine
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder itself, or a run folder's `final` (else its latest checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise NanoR1Error(f"{path}: model not found")
+    if is_checkpoint(path) or (path / "config.json").is_file() or path.suffix == ".gguf":
+        return path
+    if is_checkpoint(path / "final"):
+        return path / "final"
+    latest = latest_checkpoint(path)
+    if latest is not None:
+        return latest
+    raise NanoR1Error(f"{path}: not a nanor1 checkpoint, run folder or Hugging Face model folder")
+
+
+def load_nanor1(path: str | Path):
+    """(Transformer, tokenizer) from a nanor1 checkpoint/run folder or a DeepSeek-V3-layout HF folder."""
+    from nanor1.tokenizer import load_tokenizer
+    path = resolve_checkpoint(path)
+    if is_checkpoint(path):
+        model = load_model(path)
+    elif (path / "config.json").is_file():
+        from nanor1.model.hf import import_hf
+        model = import_hf(path)
+    else:
+        raise NanoR1Error(f"{path}: not a nanor1 model; load it with load_policy instead")
+    return model.eval(), load_tokenizer(path)
+
+
+@dataclass
+class Policy:
+    model: torch.nn.Module  # nanor1 Transformer, or a transformers PreTrainedModel
+    tokenizer: object
+    kind: str  # "nanor1" or "hf"
+    source: Path
+
+    def logits(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, V) logits of a right-padded batch (padding only after each sequence)."""
+        if self.kind == "nanor1":
+            return self.model(idx).logits
+        return self.model(input_ids=idx, attention_mask=attention_mask).logits
+
+    def engine(self, max_batch: int = 64, max_seq_len: int | None = None, seed: int = 0) -> Engine:
+        if self.kind == "nanor1":
+            return Engine(self.model, self.tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, seed=seed)
+        from nanor1.hf_backend import HFBackend
+        backend = HFBackend(self.model, max_batch, max_seq_len, pad_id=self.tokenizer.pad_id or 0)
+        return Engine(None, self.tokenizer, backend=backend, seed=seed)
+
+    def save(self, folder: str | Path, **kwargs) -> Path:
+        if self.kind == "nanor1":
+            return save_checkpoint(folder, self.model.float().cpu(), tokenizer=self.tokenizer, **kwargs)
+        from nanor1.hf_backend import save_hf_policy
+        return save_hf_policy(folder, self.model, self.tokenizer, **kwargs)
+
+    @property
+    def max_seq_len(self) -> int:
+        if self.kind == "nanor1":
+            return self.model.cfg.max_seq_len
+        return int(getattr(self.model.config, "max_position_embeddings", 2048))
+
+
+def load_policy(path: str | Path, device: torch.device | None = None) -> Policy:
+    """Any supported model folder (or .gguf file) as a Policy on `device` (default CPU)."""
+    path = resolve_checkpoint(path)
+    device = device or torch.device("cpu")
+    if is_checkpoint(path) or _is_deepseek_v3(path):
+        model, tok = load_nanor1(path)
+        return Policy(model.to(device), tok, "nanor1", path)
+    from nanor1.hf_backend import load_hf_causal_lm
+    model, tok = load_hf_causal_lm(path)
+    return Policy(model.to(device), tok, "hf", path)
+
+
+def _is_deepseek_v3(path: Path) -> bool:
+    import json
+    cfg = path / "config.json"
+    return cfg.is_file() and json.loads(cfg.read_text()).get("model_type") == "deepseek_v3"

@@ -1,0 +1,170 @@
+"""The shared optimisation loop used by pretraining, SFT and distillation.
+
+AdamW with warmup + cosine or WSD decay, gradient accumulation, clipping, bf16 autocast, MoE bias updates,
+progress bar (loss, tokens/s, MFU, ETA), metrics.jsonl, periodic held-out loss, atomic checkpoints and an
+exact `--resume`: batches are a pure function of (seed, step), and optimizer and RNG state are restored.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from nanor1.checkpoint import latest_checkpoint, load_train_state, save_run_checkpoint
+from nanor1.common import JsonlLogger, NanoR1Error, autocast, peak_flops, progress
+from nanor1.model import Transformer
+
+
+class Schedule(enum.Enum):
+    COSINE = "cosine"  # warmup, then cosine decay to min_lr (GPT-3 style)
+    WSD = "wsd"  # warmup-stable-decay: flat, then a linear cool-down over the last decay_frac (MiniCPM)
+    CONSTANT = "constant"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    schedule: Schedule = Schedule.COSINE
+    decay_frac: float = 0.2  # WSD only
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+
+    def validate(self) -> None:
+        if not self.lr > 0:
+            raise NanoR1Error(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise NanoR1Error(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0:
+            raise NanoR1Error("warmup_steps, weight_decay and grad_clip must be >= 0")
+
+
+def lr_at(step: int, total: int, cfg: OptimConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based) of `total`."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    min_lr = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule is Schedule.CONSTANT:
+        return cfg.lr
+    if cfg.schedule is Schedule.WSD:
+        decay_start = int(total * (1 - cfg.decay_frac))
+        if step < decay_start:
+            return cfg.lr
+        return cfg.lr + (min_lr - cfg.lr) * (step - decay_start) / max(1, total - decay_start)
+    progress_ = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress_)))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW; matrices decay, vectors (norms) do not."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=False)
+
+
+def flops_per_token(model: Transformer, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x parameters used in matmuls per token + attention scores (Kaplan et al.
+    2020; PaLM appendix B). The embedding lookup is not a matmul; the output head is, once per MTP depth too."""
+    cfg = model.cfg
+    counts = cfg.param_counts()
+    head = cfg.vocab_size * cfg.dim
+    matmul = counts["active"] - (0 if cfg.tie_embeddings else head)  # drop the embedding table, keep the head
+    matmul += cfg.n_mtp_layers * head + (counts["mtp"] if cfg.n_mtp_layers else 0)
+    attn = 6 * (cfg.n_layers + cfg.n_mtp_layers) * cfg.n_heads * (cfg.qk_head_dim + cfg.v_head_dim) * seq_len
+    return 6 * matmul + attn
+
+
+@dataclass
+class LoopConfig:
+    steps: int
+    grad_accum: int = 1
+    log_every: int = 10
+    eval_every: int = 50
+    ckpt_every: int = 200
+    seed: int = 0
+
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets with -100 where no loss), each (B, T)
+
+
+def train_loop(model: Transformer, get_batch: Callable[[int, int], Batch], loop: LoopConfig, optim: OptimConfig,
+               run_dir: str | Path, *, device: torch.device, dtype: torch.dtype, stage: str,
+               eval_loss: Callable[[], float] | None = None, resume: bool = False, ckpt_kwargs: dict | None = None,
+               show_progress: bool = True, compile: bool = False) -> dict:
+    """Train `model` for loop.steps optimizer steps. get_batch(step, micro) must be a pure function of its
+    arguments so that a resumed run sees exactly the batches an uninterrupted one would."""
+    run_dir = Path(run_dir)
+    model.to(device).train()
+    optimizer = make_optimizer(model, optim)
+    start = 0
+    if resume:
+        ckpt = latest_checkpoint(run_dir)
+        if ckpt is None:
+            raise NanoR1Error(f"{run_dir}: nothing to resume (no ckpt/latest); run without --resume")
+        from nanor1.checkpoint import load_model
+        model.load_state_dict(load_model(ckpt).state_dict())
+        state = load_train_state(ckpt, optimizer)
+        start = int(state["step"])
+    forward = torch.compile(model) if compile else model  # same parameters; checkpoints save `model`
+    log = JsonlLogger(run_dir / "metrics.jsonl")
+    ckpt_kwargs = dict(ckpt_kwargs or {})
+    seq_len = get_batch(0, 0)[0].shape[1]
+    fpt = flops_per_token(model, seq_len)
+    peak = peak_flops(device, dtype)
+    bar = progress(total=loop.steps, desc=stage, unit="step", disable=not show_progress)
+    bar.update(start)
+    last: dict = {}
+    t_log, tokens_since = time.perf_counter(), 0
+    for step in range(start, loop.steps):
+        lr = lr_at(step, loop.steps, optim)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        parts = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0}
+        for micro in range(loop.grad_accum):
+            x, y = get_batch(step, micro)
+            x, y = x.to(device), y.to(device)
+            with autocast(device, dtype):
+                out = forward(x, y)
+            (out.loss / loop.grad_accum).backward()
+            parts["loss"] += out.loss.item() / loop.grad_accum
+            parts["lm_loss"] += out.lm_loss.item() / loop.grad_accum
+            if out.mtp_loss is not None:
+                parts["mtp_loss"] += out.mtp_loss.item() / loop.grad_accum
+            tokens_since += x.numel()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip or float("inf"))
+        if not torch.isfinite(grad_norm):
+            raise NanoR1Error(f"{stage}: the loss diverged at step {step} (gradient norm {grad_norm}); "
+                              "lower the learning rate")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        balance = model.update_moe_bias()
+        bar.update(1)
+        if (step + 1) % loop.log_every == 0 or step + 1 == loop.steps:
+            dt = time.perf_counter() - t_log
+            tps = tokens_since / dt
+            last = {"stage": stage, "step": step + 1, "lr": lr, "grad_norm": float(grad_norm), **parts,
+                    "tokens_per_s": tps, "mfu": tps * fpt / peak, **balance}
+            if eval_loss is not None and ((step + 1) % loop.eval_every == 0 or step + 1 == loop.steps):
+                model.eval()
+                last["val_loss"] = eval_loss()
+                model.train()
+            log.log(**last)
+            bar.set_postfix(loss=f"{parts['loss']:.3f}", tok_s=f"{tps:,.0f}", mfu=f"{last['mfu']:.1%}")
+            t_log, tokens_since = time.perf_counter(), 0
+        if (step + 1) % loop.ckpt_every == 0 and step + 1 < loop.steps:
+            save_run_checkpoint(run_dir, step + 1, model, optimizer=optimizer, train_state={"step": step + 1},
+                                **ckpt_kwargs)
+    bar.close()
+    log.close()
+    model.eval()
+    return last
