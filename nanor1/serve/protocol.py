@@ -76,7 +76,7 @@ class _Request(BaseModel):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=-(1 << 63), lt=1 << 63)
+    seed: int | None = Field(None, description="any integer; reduced modulo 2**63")
 
 
 class TextPart(BaseModel):

@@ -145,10 +145,12 @@ class Server:
 
     def sampling(self, req, n_prompts: int, max_tokens: int | None) -> list[SamplingParams]:
         lim = self.limits
+        for name in ("max_tokens", "max_completion_tokens"):
+            value = getattr(req, name, None)
+            if value is not None and value > lim.max_tokens:
+                raise APIError(400, f"{name}={value} is more than this server's limit of {lim.max_tokens}",
+                               param=name, code="max_tokens_too_large")
         max_tokens = max_tokens if max_tokens is not None else min(lim.default_max_tokens, lim.max_tokens)
-        if max_tokens > lim.max_tokens:
-            raise APIError(400, f"max_tokens={max_tokens} is more than this server's limit of {lim.max_tokens}",
-                           param="max_tokens", code="max_tokens_too_large")
         n = req.n if req.n is not None else 1
         if n * n_prompts > lim.max_n:
             raise APIError(400, f"{n * n_prompts} choices asked for (n={n} x {n_prompts} prompts); this server "
@@ -251,7 +253,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     async def _http(request, exc: StarletteHTTPException):
         message = {404: f"no route {request.url.path}", 405: f"method {request.method} not allowed on "
                    f"{request.url.path}"}.get(exc.status_code, str(exc.detail))
-        return JSONResponse(error_body(message, code=str(exc.status_code)), status_code=exc.status_code)
+        return JSONResponse(error_body(message, code=str(exc.status_code)), status_code=exc.status_code,
+                            headers=exc.headers)  # e.g. the Allow header of a 405
 
     @app.exception_handler(Exception)
     async def _crash(request, exc: Exception):
@@ -296,7 +299,24 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
         return await routes.respond(srv, request, routes.text_job(srv, body))
 
     app.add_middleware(Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes, metrics=srv.metrics)
+    app.openapi = lambda: app.openapi_schema or _spec(app, model_name, limits)
     return app
+
+
+def _spec(app: FastAPI, model_name: str, limits: ServeLimits) -> dict:
+    """FastAPI's OpenAPI spec, narrowed to this server: the one model name and the token and choice limits."""
+    from fastapi.openapi.utils import get_openapi
+    spec = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    caps = {"max_tokens": limits.max_tokens, "max_completion_tokens": limits.max_tokens, "n": limits.max_n}
+    for name in ("ChatCompletionRequest", "CompletionRequest"):
+        props = spec["components"]["schemas"][name]["properties"]
+        props["model"]["enum"] = [model_name]
+        for key, cap in caps.items():
+            for branch in props.get(key, {}).get("anyOf", []):
+                if branch.get("type") == "integer":
+                    branch["maximum"] = cap
+    app.openapi_schema = spec
+    return spec
 
 
 # ----------------------------------------------------------------------------- running it
