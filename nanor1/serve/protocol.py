@@ -226,6 +226,26 @@ def _encode_content(tokenizer, text: str, reasoning_tags: bool) -> list[int]:
 
 # ----------------------------------------------------------------------------- model text -> reasoning, content
 
+class OutputText:
+    """One generation's text as its StepOutputs arrive. When a request ends on its length limit, the engine's
+    last text delta can come back empty; the decoded ids are the ground truth, so the rest is taken from them."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.ids, self.text = tokenizer, [], ""
+
+    def add(self, out) -> str:
+        """The new text of StepOutput `out`."""
+        delta = out.text_delta
+        if out.token_id is not None:
+            self.ids.append(out.token_id)
+        if out.finished and out.finish_reason == "length":
+            full = self.tokenizer.decode(self.ids)
+            if full.startswith(self.text) and len(full) > len(self.text + delta):
+                delta = full[len(self.text):]
+        self.text += delta
+        return delta
+
+
 THINK_OPEN, THINK_CLOSE, ANSWER_TAGS = "<think>", "</think>", ("<answer>", "</answer>")
 
 

@@ -17,8 +17,8 @@ from fastapi.responses import Response, StreamingResponse
 
 from nanor1.common import NanoR1Error
 from nanor1.engine import SamplingParams
-from nanor1.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, ReasoningSplitter,
-                                   encode_chat, usage)
+from nanor1.serve.protocol import (APIError, ChatCompletionRequest, CompletionRequest, OutputText,
+                                   ReasoningSplitter, encode_chat, usage)
 
 
 @dataclass
@@ -104,27 +104,17 @@ class _Choices:
 
     def __init__(self, job: Job, tokenizer):
         n = len(job.runs)
-        self.job, self.tokenizer = job, tokenizer
+        self.job = job
         self.splitters = [ReasoningSplitter(job.opened) for _ in range(n)]
+        self.texts = [OutputText(tokenizer) for _ in range(n)]
         self.tokens, self.finish = [0] * n, [None] * n
-        self.ids: list[list[int]] = [[] for _ in range(n)]
-        self.text = [""] * n
 
     def feed(self, i: int, out) -> tuple[str, str]:
         """(reasoning delta, content delta) of this StepOutput; for text completions all of it is content."""
-        delta = out.text_delta
-        if out.token_id is not None:
-            self.tokens[i] += 1
-            self.ids[i].append(out.token_id)
+        delta = self.texts[i].add(out)
+        self.tokens[i] += out.token_id is not None
         if out.finished:
             self.finish[i] = out.finish_reason
-            if out.finish_reason == "length":
-                # the engine's last delta can come back empty when a request ends on its length limit;
-                # the decoded ids are the ground truth, so send whatever of them was not streamed yet
-                full = self.tokenizer.decode(self.ids[i])
-                if full.startswith(self.text[i]) and len(full) > len(self.text[i] + delta):
-                    delta = full[len(self.text[i]):]
-        self.text[i] += delta
         if not self.job.chat:
             return "", delta
         r, c = self.splitters[i].feed(delta, out.token_id is not None)

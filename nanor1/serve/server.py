@@ -322,23 +322,12 @@ def _spec(app: FastAPI, model_name: str, limits: ServeLimits) -> dict:
 # ----------------------------------------------------------------------------- running it
 
 def load_engine(path: str, device: str | None = None, max_batch: int = 32) -> tuple[Engine, object]:
-    """An engine and tokenizer for a nanor1 checkpoint folder (or whatever `nanor1.policy` can load)."""
-    try:
-        from nanor1.policy import load_policy
-    except ImportError:
-        load_policy = None
-    if load_policy is not None:
-        model, tokenizer = load_policy(path, device=device)
-    else:
-        from nanor1.checkpoint import is_checkpoint, load_model
-        from nanor1.common import resolve_device
-        from nanor1.tokenizer import load_tokenizer
-        if not is_checkpoint(path):
-            raise NanoR1Error(f"{path}: not a nanor1 checkpoint folder (no model_config.json)")
-        model, tokenizer = load_model(path).to(resolve_device(device)).eval(), load_tokenizer(path)
-    if hasattr(model, "n_slots"):  # load_policy gave an engine backend (e.g. a Hugging Face model)
-        return Engine(None, tokenizer, backend=model), tokenizer
-    return Engine(model.eval(), tokenizer, max_batch=max_batch), tokenizer
+    """An engine and tokenizer for a nanor1 checkpoint or run folder, or a local Hugging Face model."""
+    from nanor1.common import resolve_device
+    from nanor1.policy import load_policy
+    policy = load_policy(path, device=resolve_device(device))
+    policy.model.eval()
+    return policy.engine(max_batch=max_batch), policy.tokenizer
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
