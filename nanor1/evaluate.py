@@ -18,11 +18,12 @@ from pathlib import Path
 import torch
 
 from nanor1.common import (NanoR1Error, atomic_write_json, atomic_write_text, chunks, code_version, progress,
-                           read_json, read_jsonl)
+                           read_json, read_jsonl, resolve_device)
 from nanor1.config import to_dict
-from nanor1.engine import Engine, SamplingParams
+from nanor1.engine import SamplingParams
 from nanor1.evalmath import (Estimate, cluster_interval, majority_vote, paired_difference, pass_at_k,
                              wilson_interval)
+from nanor1.policy import Policy, load_policy
 from nanor1.tasks import get_task
 from nanor1.templates import Template, extract_answer_lenient, extract_answer_strict, render_prompt, split_reasoning
 
@@ -98,7 +99,7 @@ def sampling_params(cfg: EvalConfig, seed: int) -> SamplingParams:
 
 # ----------------------------------------------------------------------------- generation (cached)
 
-def _generate(cfg: EvalConfig, model, tokenizer, requests: list[tuple[str, str, int, list[int], str]],
+def _generate(cfg: EvalConfig, policy: Policy, requests: list[tuple[str, str, int, list[int], str]],
               cache_path: Path | None, cfg_hash: str) -> dict[tuple[str, str, int], dict]:
     """Generations for (task, problem key, sample index, prompt ids, prompt hash) requests, reusing the cache."""
     done: dict[tuple[str, str, int], dict] = {}
@@ -110,7 +111,7 @@ def _generate(cfg: EvalConfig, model, tokenizer, requests: list[tuple[str, str, 
     todo = [r for r in requests if done.get(r[:3], {}).get("prompt_sha") != r[4]]
     if not todo:
         return done
-    engine = Engine(model, tokenizer, max_batch=cfg.batch_size)
+    engine = policy.engine(max_batch=cfg.batch_size)
     f = open(cache_path, "a", encoding="utf-8") if cache_path is not None else None
     if f is not None and f.tell() > 0:
         with open(cache_path, "rb") as g:
@@ -208,18 +209,21 @@ def per_problem_metrics(rec: dict, k: int) -> dict:
 
 # ----------------------------------------------------------------------------- the stage
 
-def evaluate(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
-    """Run the evaluation; pass `model`/`tokenizer` to evaluate in-process (GRPO, speedrun) without loading."""
+def evaluate(cfg: EvalConfig, model=None, tokenizer=None, *, policy: Policy | None = None) -> dict:
+    """Run the evaluation of `cfg.model`, or in-process (GRPO, speedrun) of a nanor1 `model` + `tokenizer`
+    or of any loaded `policy`, without reloading."""
     cfg.validate()
-    if model is None:
-        from nanor1.policy import load_policy
+    if policy is None and model is not None:
+        if tokenizer is None:
+            raise NanoR1Error("eval: a model passed in-process needs its tokenizer too")
+        policy = Policy(model, tokenizer, "nanor1", Path(cfg.model or "in-process"))
+    if policy is None:
         if not cfg.model:
             raise NanoR1Error("eval: no model given; set model=PATH (a nanor1 checkpoint or a local HF model dir)")
-        model, tokenizer = load_policy(cfg.model, device=cfg.device)
-    elif tokenizer is None:
-        raise NanoR1Error("eval: a model passed in-process needs its tokenizer too")
+        policy = load_policy(cfg.model, device=resolve_device(cfg.device))
+    tokenizer = policy.tokenizer
     k = cfg.samples
-    fingerprint = model_fingerprint(model)
+    fingerprint = model_fingerprint(policy.model)
     sampling = {"template": cfg.template.value, "greedy": cfg.greedy, "temperature": cfg.temperature,
                 "top_p": cfg.top_p, "max_new_tokens": cfg.max_new_tokens, "seed": cfg.seed}
     cfg_hash = _sha({"model": fingerprint, **sampling})[:16]
@@ -241,10 +245,10 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None) -> dict:
         ids = tokenizer.encode(render_prompt(p.question, cfg.template, tokenizer), allow_special=True)
         requests += [(spec, key, s, ids, _sha(ids)[:16]) for s in range(k)]
     t0 = time.time()
-    gens = _generate(cfg, model, tokenizer, requests, out / "generations.jsonl" if out else None, cfg_hash)
+    gens = _generate(cfg, policy, requests, out / "generations.jsonl" if out else None, cfg_hash)
 
     results: dict = {"model": {"name": Path(cfg.model).name if cfg.model else "in-process model",
-                               "path": cfg.model, "fingerprint": fingerprint},
+                               "path": cfg.model, "kind": policy.kind, "fingerprint": fingerprint},
                      "k": k, "sampling": sampling, "config": to_dict(cfg), "code_version": code_version(),
                      "seconds": round(time.time() - t0, 2), "tasks": {}, "problems": {}}
     records: dict[str, list[dict]] = {spec: [] for spec in cfg.tasks}

@@ -10,9 +10,10 @@ import torch
 import nanor1.evaluate as ev
 from nanor1.common import NanoR1Error, read_jsonl
 from nanor1.config import load_config
-from nanor1.engine import Completion
+from nanor1.engine import Completion, Engine
 from nanor1.evaluate import (EvalConfig, compare, format_compare_markdown, format_results_markdown,
                              per_problem_metrics, pass_ks, run_compare, sample_seed, summarize)
+from nanor1.policy import Policy
 from nanor1.tasks import get_task
 from nanor1.templates import R1_ZERO_PROMPT, Template, extract_answer_lenient, extract_answer_strict
 
@@ -136,9 +137,8 @@ def tiny():
     from nanor1.tokenizer import train_tokenizer
     texts = [R1_ZERO_PROMPT, "Calculate 3 + 4. <think> 3 plus 4 </think> <answer> 7 </answer>"] * 20
     tok = train_tokenizer(texts, vocab_size=400)
-    torch.manual_seed(0)
     model = Transformer(ModelConfig.preset("tiny", vocab_size=tok.vocab_size, max_seq_len=256, n_mtp_layers=0))
-    return model.eval(), tok
+    return model.init_weights(0).eval(), tok
 
 
 def _cfg(tmp_path, **kw):
@@ -183,8 +183,8 @@ def test_evaluate_resumes_from_cache_and_is_batch_invariant(tiny, tmp_path, monk
     # interrupted run: drop the last samples, then rerun; only the missing ones are generated
     cache.write_text("\n".join(lines[:-3]) + "\n" + lines[-3][:20])   # and a torn last line
     calls = []
-    real = ev.Engine.generate
-    monkeypatch.setattr(ev.Engine, "generate",
+    real = Engine.generate
+    monkeypatch.setattr(Engine, "generate",
                         lambda self, p, s, **kw: calls.append(len(p)) or real(self, p, s, **kw))
     again = ev.evaluate(dataclasses.replace(cfg, batch_size=2), model, tok)
     assert sum(calls) == 3 and again["tasks"] == first["tasks"]
@@ -206,7 +206,7 @@ def test_evaluate_resumes_from_cache_and_is_batch_invariant(tiny, tmp_path, monk
 class _ScriptedEngine:
     """Answers by sample index: 0 right in format, 1 right without format, 2 wrong in format."""
 
-    def __init__(self, model, tokenizer, max_batch=64):
+    def __init__(self, tokenizer):
         self.tok = tokenizer
 
     def generate(self, prompts, params):
@@ -227,7 +227,7 @@ def test_evaluate_scoring_hand_values(tiny, tmp_path, monkeypatch):
     cfg = _cfg(tmp_path, tasks=["chain_sum"], difficulties=[0, 1])
     probs = [(f"{d}/{p.id}") for d in (0, 1) for p in get_task("chain_sum", difficulty=d).problems("eval", 3, 0)]
     _ScriptedEngine.index = {ev.sample_seed(0, "chain_sum", key, s): s for key in probs for s in range(3)}
-    monkeypatch.setattr(ev, "Engine", _ScriptedEngine)
+    monkeypatch.setattr(Policy, "engine", lambda self, **kw: _ScriptedEngine(self.tokenizer))
     res = ev.evaluate(cfg, model, tok)
     m = res["tasks"]["chain_sum"]["metrics"]
     assert m["n_problems"] == 6 and set(res["tasks"]["chain_sum"]["by_difficulty"]) == {"0", "1"}
@@ -249,3 +249,42 @@ def test_greedy_evaluates_one_sample(tiny, tmp_path):
     res = ev.evaluate(_cfg(tmp_path, tasks=["chain_sum"], greedy=True, k=8, out_dir=""), model, tok)
     assert res["k"] == 1 and list(res["tasks"]["chain_sum"]["metrics"]["lenient"]) == ["pass@1"]
     assert not (tmp_path / "eval").exists()
+
+
+def test_checkpoint_and_exported_hf_model_agree(tiny, tmp_path):
+    """Same weights three ways: a nanor1 checkpoint, its DeepSeek-V3 HF export loaded by `load_policy`, and
+    the export run by transformers' own DeepseekV3ForCausalLM through the HF backend: same samples, same numbers."""
+    import warnings
+    from safetensors.torch import save_file
+    from nanor1.checkpoint import save_checkpoint
+    from nanor1.hf_backend import load_hf_causal_lm
+    from nanor1.model.hf import to_hf_config, to_hf_state_dict
+    model, tok = tiny
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, tokenizer=tok)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps(to_hf_config(model.cfg, bos_id=tok.bos_id, eos_id=tok.eos_id,
+                                                            pad_id=tok.pad_id)))
+    save_file(to_hf_state_dict(model), str(hf / "model.safetensors"))
+    tok.save(hf)
+    cfg = _cfg(tmp_path, n_problems=1, k=2, max_new_tokens=5, device="cpu")
+    runs = {"ckpt": ev.evaluate(dataclasses.replace(cfg, model=str(ckpt), out_dir=str(tmp_path / "r_ckpt"))),
+            "hf": ev.evaluate(dataclasses.replace(cfg, model=str(hf), out_dir=str(tmp_path / "r_hf")))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf_model, hf_tok = load_hf_causal_lm(hf)
+    assert type(hf_model).__name__ == "DeepseekV3ForCausalLM"
+    tf_cfg = dataclasses.replace(cfg, model=str(hf), out_dir=str(tmp_path / "r_transformers"))
+    runs["transformers"] = ev.evaluate(tf_cfg, policy=Policy(hf_model, hf_tok, "hf", hf))
+    assert runs["transformers"]["model"]["kind"] == "hf" and runs["ckpt"]["model"]["kind"] == "nanor1"
+
+    def texts(name):
+        return sorted((r["task"], r["problem_id"], r["sample"], r["text"])
+                      for r in read_jsonl(tmp_path / f"r_{name}" / "generations.jsonl"))
+    assert len(texts("ckpt")) == 4 and any(t[3].strip() for t in texts("ckpt"))
+    assert texts("hf") == texts("ckpt") and texts("transformers") == texts("ckpt")
+    for name in ("hf", "transformers"):
+        assert runs[name]["tasks"] == runs["ckpt"]["tasks"]
+        cmp = compare(runs["ckpt"], runs[name])
+        assert all(v["diff"]["value"] == 0.0 for t in cmp["tasks"].values() for mode in ("strict", "lenient")
+                   for v in t[mode].values())
