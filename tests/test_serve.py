@@ -2,7 +2,10 @@
 usage, streaming, the engine reference for greedy text, API key, bad input, metrics, disconnects, batching."""
 
 import json
+import os
 import random
+import subprocess
+import sys
 import time
 
 import httpx
@@ -10,7 +13,10 @@ import openai
 import pytest
 
 from nanor1.engine import Engine, SamplingParams
+from nanor1.checkpoint import save_checkpoint
+from nanor1.common import NanoR1Error
 from nanor1.serve.protocol import ReasoningSplitter, ServeLimits, encode_chat
+from nanor1.serve.server import bind_socket, load_engine
 from nanor1.templates import split_reasoning
 from serve_helpers import SCRIPT, make_tokenizer, metric, model_server, scripted_server, tiny_model
 
@@ -306,3 +312,51 @@ def test_chat_page_is_self_contained(scripted):
     assert "default-src 'none'" in csp and "script-src 'sha256-" in csp and "unsafe-inline" not in csp.split(";")[1]
     assert "http://" not in r.text and "https://" not in r.text and "innerHTML" not in r.text
     assert json.loads(httpx.get(server.url + "/openapi.json").text)["paths"]["/v1/chat/completions"]
+
+
+def test_load_engine_from_a_checkpoint_and_busy_ports(tok, tmp_path):
+    model = tiny_model(tok)
+    engine, tok2 = load_engine(str(save_checkpoint(tmp_path / "ckpt", model, tokenizer=tok)))
+    params = SamplingParams(max_new_tokens=6, temperature=0)
+    assert engine.generate([tok.encode("hello")], params)[0].ids == \
+        Engine(model, tok).generate([tok.encode("hello")], params)[0].ids
+    assert tok2.encode("the </think> fox") == tok.encode("the </think> fox")
+    sock = bind_socket("127.0.0.1", 0)
+    with pytest.raises(NanoR1Error, match="pick another --port"):
+        bind_socket("127.0.0.1", sock.getsockname()[1])
+    sock.close()
+    with pytest.raises(NanoR1Error):
+        load_engine(str(tmp_path / "missing"))
+
+
+@pytest.mark.slow
+def test_serve_a_checkpoint_with_the_key_from_the_environment(tok, tmp_path):
+    """`serve()` as the CLI runs it, in its own process: a saved checkpoint, NANOR1_API_KEY, loopback only."""
+    model = tiny_model(tok)
+    ckpt = save_checkpoint(tmp_path / "ckpt", model, tokenizer=tok)
+    sock = bind_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    sock.close()
+    env = {**os.environ, "NANOR1_API_KEY": "env-key"}
+    code = f"from nanor1.serve.server import serve; serve({str(ckpt)!r}, port={port}, log_level='warning')"
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 30
+        while True:
+            try:
+                httpx.get(url + "/health")
+                break
+            except httpx.TransportError:
+                assert proc.poll() is None and time.time() < deadline, "the server did not start"
+                time.sleep(0.1)
+        assert httpx.get(url + "/v1/models").status_code == 401
+        c = openai.OpenAI(base_url=url + "/v1", api_key="env-key", max_retries=0)
+        assert [m.id for m in c.models.list().data] == ["ckpt"]
+        ref = Engine(model, tok).generate([tok.encode("hello")], SamplingParams(max_new_tokens=6, temperature=0))[0]
+        r = c.completions.create(model="ckpt", prompt="hello", max_tokens=6, temperature=0)
+        assert r.choices[0].text == ref.text
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert "on http://127.0.0.1:" in proc.stderr.read()

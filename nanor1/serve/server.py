@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import hmac
 import itertools
@@ -18,21 +19,19 @@ import socket
 import sys
 import threading
 import time
-import uuid
 from importlib import resources
 from typing import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanor1.common import NanoR1Error
 from nanor1.engine import Engine, SamplingParams, StepOutput
-from nanor1.serve.protocol import (APIError, ChatCompletion, ChatCompletionRequest, CompletionRequest,
-                                   ErrorResponse, ModelCard, ModelList, ReasoningSplitter, ServeLimits, TextCompletion,
-                                   encode_chat, error_body, usage)
 from nanor1.serve import routes
+from nanor1.serve.protocol import (APIError, ChatCompletion, ChatCompletionRequest, CompletionRequest,
+                                   ErrorResponse, ModelCard, ModelList, ServeLimits, TextCompletion, error_body)
 from nanor1.serve.worker import EngineLoop, Metrics
 
 ROUTES = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions")
@@ -225,6 +224,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
     """The FastAPI app around an engine; `serve()` runs it, tests build it around a tiny model."""
     srv = Server(engine, tokenizer, model_name, limits)
 
+    @contextlib.asynccontextmanager
     async def lifespan(app):
         srv.loop.start()
         yield
@@ -340,7 +340,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
     except OSError as e:
         sock.close()
         raise NanoR1Error(f"cannot listen on {host}:{port} ({e.strerror}); pick another --port or --host") from None
-    sock.set_inheritable(True)
+    sock.listen(2048)  # listening now makes the port busy for anyone else at once
     return sock
 
 
@@ -377,11 +377,10 @@ def serve(path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | N
     or the NANOR1_API_KEY environment variable; without one, /v1 is open to whoever can reach the port."""
     import uvicorn
     api_key = api_key or os.environ.get("NANOR1_API_KEY") or None
+    sock = bind_socket(host, port)  # a taken port fails before the model is loaded
     engine, tokenizer = load_engine(path, device, max_batch)
     name = model_name or os.path.basename(os.path.normpath(path))
-    limits = limits or ServeLimits()
-    app = create_app(engine, tokenizer, name, api_key=api_key, limits=limits)
-    sock = bind_socket(host, port)
+    app = create_app(engine, tokenizer, name, api_key=api_key, limits=limits or ServeLimits())
     if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"nanor1 serve: warning: listening on {host} without an API key; set --api-key or NANOR1_API_KEY",
               file=sys.stderr)
