@@ -21,8 +21,7 @@ from nanor1.common import (NanoR1Error, atomic_write_json, atomic_write_text, ch
                            read_json, read_jsonl, resolve_device)
 from nanor1.config import to_dict
 from nanor1.engine import SamplingParams
-from nanor1.evalmath import (Estimate, cluster_interval, majority_vote, paired_difference, pass_at_k,
-                             wilson_interval)
+from nanor1.evalmath import cluster_interval, majority_vote, paired_difference, pass_at_k, wilson_interval
 from nanor1.policy import Policy, load_policy
 from nanor1.tasks import get_task
 from nanor1.templates import Template, extract_answer_lenient, extract_answer_strict, render_prompt, split_reasoning

@@ -5,7 +5,6 @@ import json
 import math
 
 import pytest
-import torch
 
 import nanor1.evaluate as ev
 from nanor1.common import NanoR1Error, read_jsonl
