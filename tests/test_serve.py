@@ -137,6 +137,19 @@ def test_openai_chat_streams_reasoning_then_content(tok, scripted):
     assert raw.text.endswith("data: [DONE]\n\n") and '"usage"' not in raw.text
 
 
+def test_stop_strings_and_streamed_choices(scripted):
+    server, _ = scripted
+    c = client(server)
+    r = c.chat.completions.create(model="scripted", messages=Q, stop=["= 4"])
+    assert (r.choices[0].message.reasoning_content, r.choices[0].message.content) == ("2 + 2", "")
+    assert r.choices[0].finish_reason == "stop"
+    got = {0: "", 1: ""}
+    for ch in c.chat.completions.create(model="scripted", messages=Q, n=2, stream=True):
+        for choice in ch.choices:
+            got[choice.index] += choice.delta.content or ""
+    assert got == {0: "4", 1: "4"}
+
+
 def test_completions_equal_the_engine_greedy_reference(tok, real):
     server, model = real
     prompt = "the quick brown"

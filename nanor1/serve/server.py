@@ -246,7 +246,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, api_key: str | None =
                                            code="invalid_json"), status_code=400)
         loc = [str(x) for x in err.get("loc", ()) if x != "body"]
         param = ".".join(loc) or None
-        message = f"{param}: {err.get('msg')}" if param else f"request body: {err.get('msg')}"
+        message = f"{param}: {err.get('msg')}" if param else \
+            "request body must be a JSON object (sent as Content-Type: application/json)"
         return JSONResponse(error_body(message, param=param, code="invalid_value"), status_code=400)
 
     @app.exception_handler(StarletteHTTPException)
