@@ -96,6 +96,110 @@ def _stage(module: str, fn: str, cls: str):
     return run
 
 
+def _add_eval(p):
+    _add_config_args(p)
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"),
+                   help="two models, results.json files or eval folders, side by side with the difference")
+
+
+def _cmd_eval(args):
+    from nanor1.config import load_config
+    from nanor1.evaluate import EvalConfig, evaluate, format_compare_markdown, format_results_markdown, run_compare
+    cfg = load_config(EvalConfig, args.config, args.overrides)
+    if args.compare:
+        print(format_compare_markdown(run_compare(cfg, *args.compare)))
+    else:
+        print(format_results_markdown(evaluate(cfg)))
+
+
+def _add_report(p):
+    p.add_argument("run_dir", help="a run folder (the out_dir of any stage, or a speedrun folder)")
+
+
+def _cmd_report(args):
+    from nanor1.report import write_report
+    print(write_report(args.run_dir))
+
+
+def _add_speedrun(p):
+    p.add_argument("--quick", action="store_true", help="the ~3 minute smoke run CI uses (smaller, looser)")
+    _add_config_args(p)
+
+
+def _cmd_speedrun(args):
+    from nanor1.config import load_config
+    from nanor1.speedrun import SpeedrunConfig, speedrun
+    base = SpeedrunConfig.quick() if args.quick else SpeedrunConfig()
+    speedrun(load_config(SpeedrunConfig, args.config, args.overrides, base=base))
+
+
+def _add_serve(p):
+    p.add_argument("model", help="a checkpoint or run folder, a Hugging Face model folder or a .gguf file")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require this key on /v1 routes (default: $NANOR1_API_KEY)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--max-batch", type=int, default=32, help="requests decoded together")
+    p.add_argument("--max-tokens", type=int, default=None, help="largest max_tokens a request may ask for")
+    p.add_argument("--name", default=None, help="the model name clients use (default: the folder name)")
+
+
+def _cmd_serve(args):
+    from nanor1.serve.protocol import ServeLimits
+    from nanor1.serve.server import serve
+    limits = ServeLimits(max_tokens=args.max_tokens) if args.max_tokens else None
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, device=args.device,
+          max_batch=args.max_batch, limits=limits, model_name=args.name)
+
+
+def _add_chat(p):
+    p.add_argument("model", help="a checkpoint or run folder, a Hugging Face model folder or a .gguf file")
+    p.add_argument("--device", default=None)
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-tokens", type=int, default=1024)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--system", default=None, help="a system message")
+
+
+def _cmd_chat(args):
+    from nanor1.chat import ChatSettings, chat
+    chat(args.model, device=args.device, settings=ChatSettings(
+        temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed,
+        system=args.system))
+
+
+def _add_export(p):
+    p.add_argument("--format", choices=["hf"], default="hf", help="hf: the DeepseekV3ForCausalLM layout")
+    p.add_argument("checkpoint")
+    p.add_argument("out")
+
+
+def _cmd_export(args):
+    from nanor1.export import export_hf
+    print(export_hf(args.checkpoint, args.out))
+
+
+def _add_import(p):
+    p.add_argument("hf_dir", help="a DeepSeek-V3-layout Hugging Face model folder")
+    p.add_argument("out", help="the nanor1 checkpoint folder to write")
+
+
+def _cmd_import(args):
+    from nanor1.export import import_hf_model
+    print(import_hf_model(args.hf_dir, args.out))
+
+
+def _add_info(p):
+    p.add_argument("model", nargs="?", help="a checkpoint, run folder or DeepSeek-V3-layout HF folder")
+    p.add_argument("--preset", help="a model preset instead (tiny, speedrun, small, v3)")
+
+
+def _cmd_info(args):
+    from nanor1.info import model_info
+    print(model_info(preset=args.preset, path=args.model))
+
+
 COMMANDS += [
     ("tasks", "list the built-in and reasoning-gym tasks", _add_tasks, _cmd_tasks),
     ("tokenizer", "train a byte-level BPE tokenizer with the R1 special tokens", _add_tokenizer, _cmd_tokenizer),
@@ -105,6 +209,18 @@ COMMANDS += [
      _stage("nanor1.sft", "sft", "SFTConfig")),
     ("grpo", "GRPO reinforcement learning with rule-based rewards (key=value overrides of GRPOConfig)",
      _add_stage, _stage("nanor1.grpo", "grpo", "GRPOConfig")),
+    ("rejection-sample", "sample k answers per problem, keep the correct readable ones as SFT data", _add_stage,
+     _stage("nanor1.rejection", "rejection_sample", "RejectionConfig")),
+    ("distill", "fine-tune a student on a teacher's correct reasoning traces", _add_stage,
+     _stage("nanor1.distill", "distill", "DistillConfig")),
+    ("eval", "evaluate models with R1's protocol (pass@1, cons@k, pass@k, intervals)", _add_eval, _cmd_eval),
+    ("report", "write the HTML + Markdown report of a run folder", _add_report, _cmd_report),
+    ("speedrun", "the whole R1 story at toy scale on a CPU, with a report", _add_speedrun, _cmd_speedrun),
+    ("export", "export a checkpoint for transformers / vLLM", _add_export, _cmd_export),
+    ("import", "import a DeepSeek-V3-layout Hugging Face folder as a nanor1 checkpoint", _add_import, _cmd_import),
+    ("info", "parameters (total/active), KV-cache bytes per token and its saving over MHA", _add_info, _cmd_info),
+    ("serve", "an OpenAI-compatible server with a browser chat at /", _add_serve, _cmd_serve),
+    ("chat", "chat with a model in the terminal", _add_chat, _cmd_chat),
 ]
 
 

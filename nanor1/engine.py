@@ -3,7 +3,7 @@
 Requests wait in a queue, get a cache slot, are prefilled together and then decoded one token per `step()`
 alongside every other running request (continuous batching). `generate()` is that loop run to completion.
 The model side is a `Backend`: `ModelBackend` for nanor1 models (MLA latent cache, per-slot positions);
-`nanor1.policy.HFBackend` runs any Hugging Face causal LM through the same interface.
+`nanor1.hf_backend.HFBackend` runs any Hugging Face causal LM through the same interface.
 """
 
 from __future__ import annotations
@@ -246,18 +246,15 @@ class Engine:
             return self._finish(req, None, None)
         req.ids.append(tok)
         req.logprobs.append(lp)
-        delta = ""
-        if req.track_text:
-            text = self.tokenizer.decode(req.ids)
-            cut = min((i for s in req.params.stop_strings if (i := text.find(s)) >= 0), default=-1)
-            if cut >= 0:
-                req.finish_reason = "stop"
-                return self._finish(req, tok, lp, final_text=text[:cut])
-            delta = self._safe_delta(req, text)
+        text = self.tokenizer.decode(req.ids) if req.track_text else ""
+        cut = min((i for s in req.params.stop_strings if (i := text.find(s)) >= 0), default=-1)
+        if cut >= 0:
+            req.finish_reason = "stop"
+            return self._finish(req, tok, lp, final_text=text[:cut])
         if len(req.ids) >= req.params.max_new_tokens or len(req.prompt_ids) + len(req.ids) >= self.max_seq_len:
             req.finish_reason = "length"
             return self._finish(req, tok, lp)
-        return StepOutput(req.id, tok, lp, delta, False, None)
+        return StepOutput(req.id, tok, lp, self._safe_delta(req, text) if req.track_text else "", False, None)
 
     def _safe_delta(self, req: _Request, text: str) -> str:
         """New text, holding back a trailing partial UTF-8 character or a possible stop-string prefix."""

@@ -23,6 +23,7 @@ from nanor1.config import to_dict
 from nanor1.engine import SamplingParams
 from nanor1.evalmath import cluster_interval, majority_vote, paired_difference, pass_at_k, wilson_interval
 from nanor1.policy import Policy, load_policy
+from nanor1.tokenizer import encode_prompt
 from nanor1.tasks import get_task
 from nanor1.templates import Template, extract_answer_lenient, extract_answer_strict, render_prompt, split_reasoning
 
@@ -241,7 +242,7 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, *, policy: Policy | No
             units += [(spec, str(p.id) if level is None else f"{level}/{p.id}", task, p,
                        level if level is not None else (p.meta or {}).get("difficulty")) for p in probs]
     for spec, key, _, p, _ in units:
-        ids = tokenizer.encode(render_prompt(p.question, cfg.template, tokenizer), allow_special=True)
+        ids = encode_prompt(tokenizer, render_prompt(p.question, cfg.template, tokenizer))
         requests += [(spec, key, s, ids, _sha(ids)[:16]) for s in range(k)]
     t0 = time.time()
     gens = _generate(cfg, policy, requests, out / "generations.jsonl" if out else None, cfg_hash)

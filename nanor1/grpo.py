@@ -49,6 +49,7 @@ class GRPOConfig:
                                                                     schedule=Schedule.CONSTANT))
     sample_every: int = 10
     ckpt_every: int = 20
+    time_budget_s: float = 0.0  # > 0: stop after this many seconds (to match another run's compute)
     seed: int = 0
     device: str = "auto"
     dtype: str = "bfloat16"  # autocast for the policy-gradient forward/backward
@@ -161,7 +162,10 @@ def grpo(cfg: GRPOConfig, policy=None) -> Path:
     ckpt_kwargs = dict(kind=cfg.stage, run_config=to_dict(cfg), parent=cfg.model, seeds={"seed": cfg.seed})
     bar = progress(total=cfg.steps, desc=cfg.stage, unit="step", disable=not cfg.progress)
     bar.update(start)
+    t_start = time.perf_counter()
     for step in range(start, cfg.steps):
+        if cfg.time_budget_s > 0 and time.perf_counter() - t_start > cfg.time_budget_s:
+            break
         problems = task.problems("train", cfg.prompts_per_step, seed=cfg.seed * 1_000_003 + step)
         if not problems:
             raise NanoR1Error(f"task {cfg.task!r} has no training problems")

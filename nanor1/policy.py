@@ -37,7 +37,10 @@ def load_nanor1(path: str | Path):
     if is_checkpoint(path):
         model = load_model(path)
     elif (path / "config.json").is_file():
+        from nanor1.checkpoint import MANIFEST, verify_manifest
         from nanor1.model.hf import import_hf
+        if (path / MANIFEST).is_file():
+            verify_manifest(path)
         model = import_hf(path)
     else:
         raise NanoR1Error(f"{path}: not a nanor1 model; load it with load_policy instead")

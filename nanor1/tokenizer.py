@@ -251,6 +251,9 @@ class HFTokenizer:
         ids = [int(i) for i in ids if i not in self._drop]
         return self.hf.decode(ids, skip_special_tokens=skip_special, clean_up_tokenization_spaces=False)
 
+    def save(self, out_dir: str | Path) -> None:
+        self.hf.save_pretrained(str(out_dir))
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         _check_messages(messages)
         if not self.hf.chat_template:

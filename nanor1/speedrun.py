@@ -1,0 +1,213 @@
+"""`nanor1 speedrun`: the whole R1 story at toy scale on a CPU, in minutes, with a report.
+
+    nanor1 speedrun                 # ~15 min on 2 cores; `--quick` for a ~3 min smoke run
+Tokenizer -> base model -> R1-Zero (GRPO from base) -> R1 (cold-start SFT -> GRPO -> rejection sampling ->
+SFT) -> distillation into a smaller student (vs the same student trained by RL) -> evaluation of every stage
+with R1's protocol -> report. Finished stages are skipped on a rerun, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from nanor1.checkpoint import MANIFEST, verify_manifest
+from nanor1.common import NanoR1Error, atomic_write_json, read_json, set_threads
+from nanor1.templates import Template
+
+
+@dataclass
+class SpeedrunConfig:
+    out_dir: str = "runs/speedrun"
+    task: str = "chain_sum"
+    seed: int = 0
+    device: str = "auto"
+    # sizes of each stage (the defaults fit ~15 minutes on a 2-core AVX-512/AMX CPU; see docs/speedrun.md)
+    pretrain_steps: int = 450
+    pretrain_docs: int = 40_000
+    rl_steps: int = 60  # R1-Zero and the R1 RL stage take the same number of steps
+    rl_prompts: int = 16
+    rl_group: int = 8
+    rl_lr: float = 5e-5
+    max_new_tokens: int = 64
+    cold_start_examples: int = 1000
+    cold_start_steps: int = 40
+    rs_problems: int = 300
+    rs_k: int = 4
+    rs_sft_steps: int = 40
+    student_dim: int = 128
+    student_layers: int = 2
+    student_pretrain_steps: int = 300
+    distill_problems: int = 600
+    distill_steps: int = 60
+    eval_problems: int = 200
+    eval_k: int = 4
+
+    @staticmethod
+    def quick() -> "SpeedrunConfig":
+        """The CI smoke run: every stage, every artifact, far smaller; the findings are not expected to hold."""
+        return SpeedrunConfig(out_dir="runs/speedrun-quick", pretrain_steps=60, pretrain_docs=6000, rl_steps=4,
+                              rl_prompts=4, rl_group=4, max_new_tokens=48, cold_start_examples=200,
+                              cold_start_steps=8, rs_problems=24, rs_k=2, rs_sft_steps=4, student_pretrain_steps=30,
+                              distill_problems=24, distill_steps=4, eval_problems=24, eval_k=2)
+
+
+@dataclass
+class Stage:
+    name: str
+    title: str
+    run: Callable[[], Path]
+    weight: float  # expected share of the run's time, for the overall ETA
+
+
+def _done(folder: Path) -> bool:
+    if not (folder / MANIFEST).is_file():
+        return False
+    try:
+        verify_manifest(folder)
+        return True
+    except NanoR1Error:
+        return False
+
+
+class Speedrun:
+    def __init__(self, cfg: SpeedrunConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.out_dir)
+        self.times: dict[str, float] = {}
+        self.evals: dict[str, dict] = {}
+
+    # ------------------------------------------------------------------ stage bodies
+    def final(self, name: str) -> Path:
+        return self.out / name / "final"
+
+    def pretrain(self, name: str, steps: int, **model_overrides) -> Path:
+        from nanor1.config import load_config
+        from nanor1.pretrain import PretrainConfig, pretrain
+        c = self.cfg
+        tok = str(self.out / "base" / "tokenizer") if name != "base" else ""
+        cfg = load_config(PretrainConfig, overrides=[
+            f"out_dir={self.out / name}", f"steps={steps}", f"task={c.task}", f"n_docs={c.pretrain_docs}",
+            f"seed={c.seed}", f"device={c.device}", f"tokenizer={tok}", "ckpt_every=100", "log_every=10"])
+        cfg.model_overrides = dict(model_overrides)
+        cfg.resume = (self.out / name / "ckpt" / "latest").is_file()
+        return pretrain(cfg)
+
+    def grpo(self, name: str, start: Path, template: Template, steps: int, budget_s: float = 0.0) -> Path:
+        from nanor1.grpo import GRPOConfig, grpo
+        c = self.cfg
+        cfg = GRPOConfig(model=str(start), out_dir=str(self.out / name), task=c.task, template=template,
+                         steps=steps, prompts_per_step=c.rl_prompts, group_size=c.rl_group,
+                         max_new_tokens=c.max_new_tokens, seed=c.seed, device=c.device, stage=name,
+                         ckpt_every=10, sample_every=5, time_budget_s=budget_s)
+        cfg.optim.lr = c.rl_lr
+        cfg.resume = (self.out / name / "ckpt" / "latest").is_file()
+        return grpo(cfg)
+
+    def sft(self, name: str, start: Path, steps: int, data: str = "", n_examples: int = 1000) -> Path:
+        from nanor1.sft import SFTConfig, sft
+        c = self.cfg
+        n = sum(1 for line in open(data) if line.strip()) if data else n_examples
+        cfg = SFTConfig(model=str(start), out_dir=str(self.out / name), data=data, task=c.task,
+                        n_examples=n_examples, steps=steps, seed=c.seed, device=c.device, stage=name,
+                        max_len=160, ckpt_every=50, batch_size=min(32, n))
+        cfg.resume = (self.out / name / "ckpt" / "latest").is_file()
+        return sft(cfg)
+
+    def rejection(self, name: str, model: Path, n_problems: int) -> Path:
+        from nanor1.rejection import RejectionConfig, rejection_sample
+        c = self.cfg
+        out = self.out / name / "data.jsonl"
+        rejection_sample(RejectionConfig(model=str(model), out=str(out), task=c.task, n_problems=n_problems,
+                                         k=c.rs_k, max_new_tokens=c.max_new_tokens, seed=c.seed, device=c.device))
+        from nanor1.checkpoint import write_manifest
+        write_manifest(out.parent, "sft-data", config={"n_problems": n_problems, "k": c.rs_k}, parent=model)
+        return out.parent
+
+    def evaluate(self, name: str, model: Path, template: Template) -> Path:
+        from nanor1.evaluate import EvalConfig, evaluate
+        c = self.cfg
+        folder = self.out / "eval" / name
+        cfg = EvalConfig(model=str(model), tasks=[c.task], n_problems=c.eval_problems, k=c.eval_k,
+                         template=template, max_new_tokens=c.max_new_tokens, seed=c.seed, device=c.device,
+                         out_dir=str(folder))
+        evaluate(cfg)
+        from nanor1.checkpoint import write_manifest
+        write_manifest(folder, "eval", config=dataclasses.asdict(cfg) | {"template": template.value}, parent=model)
+        return folder
+
+    # ------------------------------------------------------------------ the plan
+    def stages(self) -> list[Stage]:
+        c, f = self.cfg, self.final
+        Z, C = Template.R1_ZERO, Template.CHAT
+        return [
+            Stage("base", "pretrain the base model", lambda: self.pretrain("base", c.pretrain_steps), 20),
+            Stage("eval-base", "evaluate the base", lambda: self.evaluate("base", f("base"), Z), 3),
+            Stage("r1zero", "R1-Zero: GRPO from the base", lambda: self.grpo("r1zero", f("base"), Z, c.rl_steps), 25),
+            Stage("eval-r1zero", "evaluate R1-Zero", lambda: self.evaluate("r1zero", f("r1zero"), Z), 3),
+            Stage("r1-cold", "R1: cold-start SFT", lambda: self.sft("r1-cold", f("base"), c.cold_start_steps,
+                                                                   n_examples=c.cold_start_examples), 4),
+            Stage("r1-rl", "R1: GRPO after the cold start", lambda: self.grpo("r1-rl", f("r1-cold"), C, c.rl_steps), 20),
+            Stage("r1-rs", "R1: rejection sampling", lambda: self.rejection("r1-rs", f("r1-rl"), c.rs_problems), 3),
+            Stage("r1", "R1: SFT on the rejection-sampled data",
+                  lambda: self.sft("r1", f("r1-rl"), c.rs_sft_steps, data=str(self.out / "r1-rs" / "data.jsonl")), 4),
+            Stage("eval-r1", "evaluate R1", lambda: self.evaluate("r1", f("r1"), C), 3),
+            Stage("student-base", "pretrain the smaller student",
+                  lambda: self.pretrain("student-base", c.student_pretrain_steps, dim=c.student_dim,
+                                        n_layers=c.student_layers), 8),
+            Stage("distill-traces", "R1 traces for distillation",
+                  lambda: self.rejection("distill-traces", f("r1"), c.distill_problems), 3),
+            Stage("student-distill", "distil R1 into the student",
+                  lambda: self.sft("student-distill", f("student-base"), c.distill_steps,
+                                   data=str(self.out / "distill-traces" / "data.jsonl")), 3),
+            Stage("student-rl", "the student by RL alone, same compute",
+                  lambda: self.grpo("student-rl", f("student-base"), Z, 10 ** 6,
+                                    budget_s=max(5.0, self.times.get("student-distill", 30.0))), 3),
+            Stage("eval-students", "evaluate both students", self._eval_students, 3),
+        ]
+
+    def _eval_students(self) -> Path:
+        self.evaluate("student-distill", self.final("student-distill"), Template.CHAT)
+        self.evaluate("student-rl", self.final("student-rl"), Template.R1_ZERO)
+        return self.out / "eval" / "student-rl"
+
+    def _stage_output(self, stage: Stage) -> Path:
+        if stage.name.startswith("eval-"):
+            return self.out / "eval" / ("student-rl" if stage.name == "eval-students" else stage.name[5:])
+        if stage.name in ("r1-rs", "distill-traces"):
+            return self.out / stage.name
+        return self.final(stage.name)
+
+    # ------------------------------------------------------------------ run
+    def run(self) -> Path:
+        set_threads()
+        self.out.mkdir(parents=True, exist_ok=True)
+        times_file = self.out / "stage_times.json"
+        self.times = read_json(times_file) if times_file.is_file() else {}
+        stages = self.stages()
+        total_w = sum(s.weight for s in stages)
+        t0 = time.perf_counter()
+        for i, st in enumerate(stages, 1):
+            if _done(self._stage_output(st)) and st.name in self.times:
+                print(f"[{i}/{len(stages)}] {st.title}: done already, skipped", flush=True)
+                continue
+            done_w = sum(s.weight for s in stages[: i - 1])
+            elapsed = time.perf_counter() - t0
+            eta = f", overall ETA {elapsed / done_w * (total_w - done_w) / 60:.1f} min" if done_w and elapsed > 1 else ""
+            print(f"[{i}/{len(stages)}] {st.title}{eta}", flush=True)
+            ts = time.perf_counter()
+            st.run()
+            self.times[st.name] = round(time.perf_counter() - ts, 1)
+            atomic_write_json(times_file, self.times)
+        from nanor1.speedrun_report import write_speedrun_report
+        report = write_speedrun_report(self.out, self.cfg, self.times)
+        print(f"report: {report}")
+        return report
+
+
+def speedrun(cfg: SpeedrunConfig) -> Path:
+    return Speedrun(cfg).run()
