@@ -1,0 +1,115 @@
+"""Training loop invariants: exact resume, accumulation equivalence, schedules, and clear config errors."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from nanor1.common import NanoR1Error
+from nanor1.config import load_config
+from nanor1.data import SFTData, encode_chat_example, stream_batch
+from nanor1.model import ModelConfig, Transformer
+from nanor1.train import LoopConfig, OptimConfig, Schedule, lr_at, train_loop
+
+DATA = np.random.default_rng(0).integers(0, 128, size=5000).astype(np.uint16)
+
+
+def _run(tmp_path, steps, resume=False, crash_at=None, grad_accum=1, batch=8):
+    model = Transformer(ModelConfig.preset("tiny")).init_weights(0)
+    torch.manual_seed(0)
+
+    def batches(step, micro):
+        if crash_at is not None and step == crash_at:
+            raise KeyboardInterrupt  # the run dies here; its checkpoint holds the steps before
+        per = batch // grad_accum
+        x, y = stream_batch(DATA, batch, 16, 0, step)
+        return x[micro * per:(micro + 1) * per], y[micro * per:(micro + 1) * per]
+
+    loop = LoopConfig(steps=steps, grad_accum=grad_accum, log_every=1, ckpt_every=3)
+    train_loop(model, batches, loop, OptimConfig(lr=1e-3, warmup_steps=2), tmp_path, device=torch.device("cpu"),
+               dtype=torch.float32, stage="test", resume=resume, show_progress=False)
+    return model
+
+
+def test_resume_reaches_the_same_weights_and_loss(tmp_path):
+    straight = _run(tmp_path / "a", 7)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "b", 7, crash_at=4)
+    resumed = _run(tmp_path / "b", 7, resume=True)
+    for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), k
+    last = lambda p: [json.loads(l) for l in p.read_text().splitlines()][-1]["loss"]
+    assert last(tmp_path / "a" / "metrics.jsonl") == last(tmp_path / "b" / "metrics.jsonl")
+
+
+def test_accumulation_matches_one_big_batch(tmp_path):
+    """batch 8 x accumulation 1 == batch 4 x accumulation 2 (same tokens, mean losses)."""
+    a = _run(tmp_path / "a", 2, grad_accum=1)
+    b = _run(tmp_path / "b", 2, grad_accum=2)
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.allclose(x, y, atol=2e-5), k
+
+
+def test_schedules():
+    cfg = OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, 100, cfg) == pytest.approx(0.1)
+    assert lr_at(9, 100, cfg) == pytest.approx(1.0)
+    assert lr_at(99, 100, cfg) == pytest.approx(0.1, abs=1e-3)
+    assert lr_at(55, 100, cfg) == pytest.approx(0.1 + 0.45 * (1 + np.cos(np.pi * 0.5)))
+    wsd = OptimConfig(lr=1.0, warmup_steps=0, schedule=Schedule.WSD, decay_frac=0.2, min_lr_ratio=0.0)
+    assert lr_at(79, 100, wsd) == 1.0 and lr_at(90, 100, wsd) == pytest.approx(0.5)
+
+
+def test_sft_labels_cover_only_the_assistant_turn():
+    from nanor1.tokenizer import train_tokenizer
+    tok = train_tokenizer(["3+5=8, 8+1=9", "What is 3+5+1?"] * 20, 300)
+    msgs = [{"role": "user", "content": "What is 3+5+1?"},
+            {"role": "assistant", "content": "<think>3+5=8, 8+1=9</think><answer>9</answer>"}]
+    ids, labels = encode_chat_example(tok, msgs, 200)
+    taken = [t for t in labels if t != -100]
+    assert tok.decode(taken) == msgs[1]["content"]  # decode drops the trained <|eos|>
+    assert taken[-1] == tok.eos_id
+    assert tok.decode(ids).startswith("<|user|>What is 3+5+1?<|assistant|>")
+    data = SFTData([{"messages": msgs}] * 5, tok, 200, 4, seed=0)
+    x, y = data.batch(0)
+    assert x.shape == y.shape and (y != -100).sum() == len(taken) * x.shape[0]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.lr=-1", "lr must be positive"),
+    ("model=huge", "unknown model preset"),
+    ("batch_size=0", "batch_size must be >= 1"),
+    ("data_files=[/no/such.txt]", "data file not found"),
+])
+def test_bad_pretrain_config_is_one_clear_error(tmp_path, override, message):
+    from nanor1.pretrain import PretrainConfig, pretrain
+    with pytest.raises(NanoR1Error, match=message):
+        cfg = load_config(PretrainConfig, overrides=[f"out_dir={tmp_path}", override])
+        pretrain(cfg)
+
+
+def test_batch_larger_than_data_is_a_clear_error(tmp_path):
+    from nanor1.pretrain import PretrainConfig, pretrain
+    cfg = load_config(PretrainConfig, overrides=[f"out_dir={tmp_path}", "model=tiny", "n_docs=40", "vocab_size=300",
+                                                 "seq_len=60", "batch_size=4096", "steps=1", "progress=false"])
+    with pytest.raises(NanoR1Error, match="larger than the training data"):
+        pretrain(cfg)
+
+
+def test_pretrain_end_to_end_then_sft(tmp_path):
+    from nanor1.checkpoint import verify_manifest
+    from nanor1.pretrain import PretrainConfig, pretrain
+    from nanor1.sft import SFTConfig, sft
+    cfg = load_config(PretrainConfig, overrides=[f"out_dir={tmp_path / 'base'}", "model=tiny", "n_docs=800",
+                                                 "vocab_size=300", "seq_len=48", "batch_size=8", "steps=4",
+                                                 "log_every=2", "progress=false", "dtype=float32"])
+    base = pretrain(cfg)
+    manifest = verify_manifest(base)
+    from nanor1.checkpoint import manifest_hash
+    assert manifest["parent"] == manifest_hash(tmp_path / "base" / "tokenizer")  # lineage
+    rows = [json.loads(l) for l in (tmp_path / "base" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 4 and "val_loss" in rows[-1] and rows[-1]["tokens_per_s"] > 0
+    out = sft(SFTConfig(model=str(base), out_dir=str(tmp_path / "sft"), n_examples=20, steps=2, batch_size=4,
+                        max_len=60, progress=False, dtype="float32"))
+    assert verify_manifest(out)["kind"] == "sft"
