@@ -50,6 +50,12 @@ def write_manifest(folder: str | Path, kind: str, config: Any = None, parent: st
     return manifest
 
 
+def input_hashes(inputs: dict | None) -> dict:
+    if not inputs:
+        return {}
+    return {"inputs": {name: {"path": str(p), "manifest": manifest_hash(p)} for name, p in inputs.items()}}
+
+
 def manifest_hash(folder: str | Path) -> str:
     path = Path(folder) / MANIFEST
     if not path.is_file():
@@ -128,7 +134,9 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 
 def save_checkpoint(folder: str | Path, model: Transformer, *, tokenizer=None, optimizer=None,
                     train_state: dict | None = None, kind: str = "checkpoint", run_config: Any = None,
-                    parent: str | Path | None = None, seeds: dict | None = None) -> Path:
+                    parent: str | Path | None = None, seeds: dict | None = None, inputs: dict | None = None) -> Path:
+    """`inputs` names other artifacts the result was made from ({"data": folder}); their manifest hashes are
+    recorded beside the parent's, so lineage covers data as well as weights."""
     """Write a complete checkpoint folder atomically and return its path."""
     final = Path(folder)
     tmp = _tmp_folder(final)
@@ -145,7 +153,7 @@ def save_checkpoint(folder: str | Path, model: Transformer, *, tokenizer=None, o
             save_file(tensors, str(tmp / "train_state.safetensors"))
             atomic_write_json(tmp / "train_state.json", {"optimizer": meta, **(train_state or {})})
         write_manifest(tmp, kind, config=run_config, parent=parent, seeds=seeds,
-                       extra={"model_config": model.cfg.to_dict()})
+                       extra={"model_config": model.cfg.to_dict(), **input_hashes(inputs)})
         _commit_folder(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -221,3 +229,37 @@ def save_run_checkpoint(run_dir: str | Path, step: int, model: Transformer | Non
 
 def read_manifest(folder: str | Path) -> dict:
     return json.loads((Path(folder) / MANIFEST).read_text())
+
+
+def verify_run(run_dir: str | Path) -> dict:
+    """Verify every artifact's manifest under a run folder (checkpoints in ckpt/ excluded) and that each
+    recorded parent/input hash equals the current manifest hash of that artifact. Returns
+    {"artifacts": {path: kind}, "links": n_checked}; raises NanoR1Error naming the first problem."""
+    run_dir = Path(run_dir)
+    artifacts, links = {}, 0
+    for m in sorted(run_dir.rglob(MANIFEST)):
+        folder = m.parent
+        if "ckpt" in folder.relative_to(run_dir).parts:
+            continue
+        manifest = verify_manifest(folder)
+        artifacts[str(folder.relative_to(run_dir))] = manifest["kind"]
+        refs = [(manifest.get("parent_path"), manifest.get("parent"))]
+        refs += [(v["path"], v["manifest"]) for v in manifest.get("inputs", {}).values()]
+        for path, digest in refs:
+            if path and digest:
+                if manifest_hash(path) != digest:
+                    raise NanoR1Error(f"{folder}: its parent {path} changed after it was made (manifest hash differs)")
+                links += 1
+    if not artifacts:
+        raise NanoR1Error(f"{run_dir}: no artifacts with a {MANIFEST}")
+    return {"artifacts": artifacts, "links": links}
+
+
+def lineage(folder: str | Path) -> list[Path]:
+    """The chain of parents from an artifact back to its root (e.g. distilled student -> ... -> tokenizer)."""
+    chain, folder = [], Path(folder)
+    while folder is not None and (folder / MANIFEST).is_file() and folder not in chain:
+        chain.append(folder)
+        parent = read_manifest(folder).get("parent_path")
+        folder = Path(parent) if parent else None
+    return chain

@@ -19,6 +19,7 @@ from nanor1.checkpoint import latest_checkpoint, load_train_state, save_run_chec
 from nanor1.common import JsonlLogger, NanoR1Error, autocast, progress, resolve_device, resolve_dtype, set_threads
 from nanor1.config import save_config, to_dict
 from nanor1.engine import Completion, SamplingParams
+from nanor1.metrics import MetricsSink, TrackingConfig
 from nanor1.rewards import RewardConfig, compute_rewards
 from nanor1.rl import GRPOLossConfig, gather_logprobs, group_advantages, policy_loss, token_entropy, \
     zero_variance_groups
@@ -56,6 +57,7 @@ class GRPOConfig:
     resume: bool = False
     progress: bool = True
     stage: str = "grpo"
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
         self.loss.validate()
@@ -158,7 +160,8 @@ def grpo(cfg: GRPOConfig, policy=None) -> Path:
         start = int(load_train_state(resume_from, optimizer)["step"])
     G, n_seq = cfg.group_size, cfg.prompts_per_step * cfg.group_size
     engine = policy.engine(max_batch=n_seq, seed=cfg.seed)
-    log, samples = JsonlLogger(out_dir / "metrics.jsonl"), JsonlLogger(out_dir / "samples.jsonl")
+    log = MetricsSink(out_dir, cfg.tracking, name=cfg.stage, config=to_dict(cfg))
+    samples = JsonlLogger(out_dir / "samples.jsonl")
     ckpt_kwargs = dict(kind=cfg.stage, run_config=to_dict(cfg), parent=cfg.model, seeds={"seed": cfg.seed})
     bar = progress(total=cfg.steps, desc=cfg.stage, unit="step", disable=not cfg.progress)
     bar.update(start)

@@ -18,6 +18,7 @@ from nanor1.common import NanoR1Error, resolve_device, resolve_dtype, set_thread
 from nanor1.config import save_config, to_dict
 from nanor1.data import build_token_stream, read_text_documents, stream_batch
 from nanor1.model import ModelConfig, Transformer
+from nanor1.metrics import TrackingConfig
 from nanor1.train import LoopConfig, OptimConfig, train_loop
 
 
@@ -46,6 +47,7 @@ class PretrainConfig:
     compile: bool = False
     resume: bool = False
     progress: bool = True
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
         self.optim.validate()
@@ -122,7 +124,7 @@ def pretrain(cfg: PretrainConfig) -> Path:
         return sum(losses) / len(losses)
 
     loop = LoopConfig(steps=cfg.steps, grad_accum=cfg.grad_accum, log_every=cfg.log_every,
-                      eval_every=cfg.eval_every, ckpt_every=cfg.ckpt_every, seed=cfg.seed)
+                      eval_every=cfg.eval_every, ckpt_every=cfg.ckpt_every, seed=cfg.seed, tracking=cfg.tracking)
     ckpt_kwargs = dict(tokenizer=tok, kind="pretrain", run_config=to_dict(cfg), parent=tok_dir,
                        seeds={"seed": cfg.seed})
     train_loop(model, lambda step, micro: stream_batch(train, cfg.batch_size, cfg.seq_len, cfg.seed, step, micro),

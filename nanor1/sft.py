@@ -16,6 +16,7 @@ from nanor1.checkpoint import save_checkpoint
 from nanor1.common import NanoR1Error, resolve_device, resolve_dtype, set_threads
 from nanor1.config import save_config, to_dict
 from nanor1.data import SFTData, read_sft_jsonl
+from nanor1.metrics import TrackingConfig
 from nanor1.train import LoopConfig, OptimConfig, train_loop
 
 
@@ -38,6 +39,7 @@ class SFTConfig:
     dtype: str = "bfloat16"
     resume: bool = False
     progress: bool = True
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     stage: str = "sft"  # the name in logs and manifests (the speedrun uses sft-cold, sft-rs, distill)
 
     def validate(self) -> None:
@@ -75,9 +77,11 @@ def sft(cfg: SFTConfig, model=None, tokenizer=None) -> Path:
         raise NanoR1Error(f"batch_size {cfg.batch_size} is larger than the {len(data.items)} usable examples")
     torch.manual_seed(cfg.seed)
     loop = LoopConfig(steps=cfg.steps, grad_accum=cfg.grad_accum, log_every=cfg.log_every,
-                      eval_every=10 ** 9, ckpt_every=cfg.ckpt_every, seed=cfg.seed)
-    ckpt_kwargs = dict(tokenizer=tokenizer, kind=cfg.stage, run_config=to_dict(cfg),
-                       parent=cfg.model or None, seeds={"seed": cfg.seed})
+                      eval_every=10 ** 9, ckpt_every=cfg.ckpt_every, seed=cfg.seed, tracking=cfg.tracking)
+    data_dir = Path(cfg.data).parent if cfg.data else None
+    ckpt_kwargs = dict(tokenizer=tokenizer, kind=cfg.stage, run_config=to_dict(cfg), parent=cfg.model or None,
+                       seeds={"seed": cfg.seed},
+                       inputs={"data": data_dir} if data_dir and (data_dir / "manifest.json").is_file() else None)
     train_loop(model, lambda step, micro: data.batch(step, micro, cfg.grad_accum), loop, cfg.optim, out_dir,
                device=device, dtype=dtype, stage=cfg.stage, resume=cfg.resume, ckpt_kwargs=ckpt_kwargs,
                show_progress=cfg.progress)

@@ -171,6 +171,7 @@ class Speedrun:
         ]
 
     def _eval_students(self) -> Path:
+        self.evaluate("student-base", self.final("student-base"), Template.R1_ZERO)
         self.evaluate("student-distill", self.final("student-distill"), Template.CHAT)
         self.evaluate("student-rl", self.final("student-rl"), Template.R1_ZERO)
         return self.out / "eval" / "student-rl"

@@ -88,7 +88,29 @@ def findings(out: Path, task: str) -> list[dict]:
                      "measured": f"distilled {_pct(a)} vs RL {_pct(b)}; difference {100 * d['value']:+.1f} pts "
                                  f"[{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]",
                      "target": "distilled > RL", "holds": d["value"] > 0})
+    s_base = _eval(out, "student-base")
+    if s_dist and s_base:
+        a, b = _metric(s_dist, task, "lenient", "pass@1"), _metric(s_base, task, "lenient", "pass@1")
+        d = compare(s_dist, s_base)["tasks"][task]["lenient"]["pass@1"]["diff"]
+        rows.append({"finding": "the distilled student beats its own base",
+                     "measured": f"distilled {_pct(a)} vs base {_pct(b)}; difference {100 * d['value']:+.1f} pts "
+                                 f"[{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]",
+                     "target": "distilled > base", "holds": d["value"] > 0})
     return rows
+
+
+def verification_markdown(out: Path) -> str:
+    """Every manifest re-hashed, every parent link checked, and the distilled student's lineage."""
+    from nanor1.checkpoint import lineage, verify_run
+    from nanor1.common import NanoR1Error
+    try:
+        v = verify_run(out)
+    except NanoR1Error as e:
+        return f"**Verification failed:** {e}\n"
+    chain = " -> ".join(p.relative_to(out).as_posix() if p.is_relative_to(out) else str(p)
+                        for p in lineage(out / "student-distill" / "final"))
+    return (f"{len(v['artifacts'])} artifacts verified (every file's SHA-256 against its manifest), "
+            f"{v['links']} parent/input links checked.\n\nLineage of the distilled student: {chain}\n")
 
 
 def findings_markdown(rows: list[dict]) -> str:
@@ -114,4 +136,5 @@ def write_speedrun_report(out: Path, cfg, times: dict[str, float]) -> Path:
     atomic_write_json(out / "findings.json", {"findings": rows, "stage_seconds": times, "peak_memory_gib": peak,
                                              "config": to_dict(cfg)})
     return write_report(out, extra_sections=[("Findings: the R1 story in miniature", findings_markdown(rows)),
-                                             ("Stage times", times_markdown(times, peak))])
+                                             ("Stage times", times_markdown(times, peak)),
+                                             ("Run verification", verification_markdown(out))])

@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 
 from nanor1.checkpoint import latest_checkpoint, load_train_state, save_run_checkpoint
-from nanor1.common import JsonlLogger, NanoR1Error, autocast, peak_flops, progress
+from nanor1.common import NanoR1Error, autocast, peak_flops, progress
+from nanor1.metrics import MetricsSink, TrackingConfig
 from nanor1.model import Transformer
 
 
@@ -92,6 +93,7 @@ class LoopConfig:
     eval_every: int = 50
     ckpt_every: int = 200
     seed: int = 0
+    tracking: TrackingConfig | None = None  # TensorBoard / W&B besides metrics.jsonl
 
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets with -100 where no loss), each (B, T)
@@ -116,7 +118,7 @@ def train_loop(model: Transformer, get_batch: Callable[[int, int], Batch], loop:
         state = load_train_state(ckpt, optimizer)
         start = int(state["step"])
     forward = torch.compile(model) if compile else model  # same parameters; checkpoints save `model`
-    log = JsonlLogger(run_dir / "metrics.jsonl")
+    log = MetricsSink(run_dir, loop.tracking, name=stage, config=(ckpt_kwargs or {}).get("run_config"))
     ckpt_kwargs = dict(ckpt_kwargs or {})
     seq_len = get_batch(0, 0)[0].shape[1]
     fpt = flops_per_token(model, seq_len)
