@@ -35,6 +35,15 @@ def machine() -> str:
             f"load average {load}")
 
 
+def warn_if_shared() -> None:
+    """Other jobs on the cores make every OpenMP barrier spin-wait for a descheduled thread (we saw 100x
+    slower decode steps); OMP_WAIT_POLICY=PASSIVE or --threads 1 avoids that."""
+    import torch
+    if torch.get_num_threads() > 1 and "OMP_WAIT_POLICY" not in os.environ and os.getloadavg()[0] > 1:
+        print("warning: the CPU is busy (load average above 1) and OpenMP threads spin-wait; rerun with "
+              "OMP_WAIT_POLICY=PASSIVE or --threads 1 for meaningful numbers")
+
+
 def command() -> str:
     env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY",) if k in os.environ)
     return (env + " " if env else "") + "python " + " ".join(shlex.quote(a) for a in sys.argv)
@@ -71,6 +80,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print("machine:", machine())
     print("command:", command())
+    warn_if_shared()
     batches = [int(b) for b in args.batches.split(",")]
     T, N = args.prompt_len, args.new_tokens
     cfg = ModelConfig.preset("speedrun")

@@ -158,11 +158,12 @@ PRESETS: dict[str, ModelConfig] = {
     "speedrun": ModelConfig(vocab_size=512, dim=192, n_layers=4, n_heads=4, max_seq_len=192, q_lora_rank=0,
                             kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
                             inter_dim=512, n_dense_layers=1, n_routed_experts=8, n_shared_experts=1,
-                            n_activated_experts=2, moe_inter_dim=128, n_mtp_layers=1),
-    # ~100M parameters: a real small model for a GPU or a long CPU run
-    "small": ModelConfig(vocab_size=32768, dim=768, n_layers=12, n_heads=12, max_seq_len=2048, q_lora_rank=384,
-                         kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
-                         inter_dim=2048, n_dense_layers=1, n_routed_experts=16, n_shared_experts=1,
+                            n_activated_experts=2, moe_inter_dim=128, n_mtp_layers=1,
+                            bias_update_speed=0.01),  # a few hundred steps need a faster balancing bias
+    # ~100M parameters (about half active): a real small model for a GPU or a long CPU run
+    "small": ModelConfig(vocab_size=32768, dim=512, n_layers=12, n_heads=8, max_seq_len=2048, q_lora_rank=256,
+                         kv_lora_rank=128, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+                         inter_dim=1536, n_dense_layers=1, n_routed_experts=12, n_shared_experts=1,
                          n_activated_experts=2, moe_inter_dim=256, n_expert_groups=4, n_limited_groups=2,
                          route_scale=1.0, n_mtp_layers=1),
     # the real DeepSeek-V3 dimensions (config.json of deepseek-ai/DeepSeek-V3)

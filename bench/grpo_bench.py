@@ -1,0 +1,214 @@
+"""Seconds per GRPO step: nanor1's `grpo()` against TRL's GRPOTrainer on the same tiny Hugging Face Llama.
+
+Both sides: chain_sum problems in the R1-Zero template, 8 prompts x G=8 = 64 completions of exactly 32 tokens
+per step (EOS suppressed), temperature 1, beta=0 (no reference model), one policy update per batch, the same
+nanor1 accuracy + format reward, bf16 autocast for training. Everything is local (HF_HUB_OFFLINE). The sides
+take turns, a few steps each per round, so a busy CPU slows both alike. Run:
+    python bench/grpo_bench.py [--rounds 2] [--steps 3] [--threads N]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers/TRL are imported: nothing leaves the machine
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import shlex  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+PROMPTS_PER_STEP, G, NEW_TOKENS, LR = 8, 8, 32, 5e-5
+
+
+def machine() -> str:
+    import torch
+    import transformers
+    import trl
+    cpu = platform.processor() or "cpu"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, torch {torch.__version__}, "
+            f"transformers {transformers.__version__}, trl {trl.__version__}, "
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, load average {load}")
+
+
+def warn_if_shared() -> None:
+    """Other jobs on the cores make every OpenMP barrier spin-wait for a descheduled thread (we saw 100x
+    slower decode steps); OMP_WAIT_POLICY=PASSIVE or --threads 1 avoids that."""
+    import torch
+    if torch.get_num_threads() > 1 and "OMP_WAIT_POLICY" not in os.environ and os.getloadavg()[0] > 1:
+        print("warning: the CPU is busy (load average above 1) and OpenMP threads spin-wait; rerun with "
+              "OMP_WAIT_POLICY=PASSIVE or --threads 1 for meaningful numbers")
+
+
+def command() -> str:
+    env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY",) if k in os.environ)
+    return (env + " " if env else "") + "python " + " ".join(shlex.quote(a) for a in sys.argv)
+
+
+def make_model(folder: Path, task) -> None:
+    """A random Llama (hidden 256, 4 layers, 4 heads) with a BPE tokenizer trained on chain_sum text."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from nanor1.hf_backend import save_hf_policy
+    from nanor1.templates import Template, render_prompt
+    from nanor1.tokenizer import train_tokenizer
+    problems = task.problems("train", 3000, seed=123)
+    texts = [render_prompt(p.question, Template.R1_ZERO) + f" <think> {task.worked_solution(p)} </think> "
+             f"<answer> {p.answer} </answer>" for p in problems]
+    tok = train_tokenizer(texts, 512, merge_across_words=True)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                      bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+                      tie_word_embeddings=False)
+    torch.manual_seed(0)
+    # save_pretrained(safe_serialization=True) + tok.save, plus the manifest.json that grpo() needs of its parent
+    save_hf_policy(folder, LlamaForCausalLM(cfg), tok, kind="bench")
+
+
+class NoStop:
+    """The policy's tokenizer with no EOS, so the engine generates exactly max_new_tokens (as TRL's
+    min_new_tokens does on the other side)."""
+    eos_id = None
+
+    def __init__(self, tok):
+        self._tok = tok
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+def run_ours(folder: Path, out: Path, steps: int, seed: int) -> tuple[list[float], list[float]]:
+    """`steps` GRPO steps; returns the seconds of steps 2.. (step 1 is the warm-up) and mean lengths."""
+    from nanor1.common import read_jsonl
+    from nanor1.grpo import GRPOConfig, grpo
+    from nanor1.policy import load_policy
+    policy = load_policy(folder)
+    policy.tokenizer = NoStop(policy.tokenizer)
+    cfg = GRPOConfig(model=str(folder), out_dir=str(out), task="chain_sum", steps=steps,
+                     prompts_per_step=PROMPTS_PER_STEP, group_size=G, max_new_tokens=NEW_TOKENS, temperature=1.0,
+                     mu=1, micro_batch=PROMPTS_PER_STEP * G, device="cpu", dtype="bfloat16", seed=seed,
+                     progress=False, ckpt_every=10 ** 6, sample_every=10 ** 6)
+    cfg.optim.lr = LR
+    grpo(cfg, policy=policy)
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if "step" in r]
+    ends = [r["time"] for r in rows]
+    return [b - a for a, b in zip(ends, ends[1:])], [r["response_len"] for r in rows]
+
+
+def run_trl(folder: Path, out: Path, steps: int, seed: int, task, tokenizer) -> tuple[list[float], list[float]]:
+    """The same with trl.GRPOTrainer; step times are taken between on_step_end callbacks."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+    from nanor1.rewards import RewardConfig, compute_rewards
+    from nanor1.templates import Template, render_prompt
+    problems = task.problems("train", PROMPTS_PER_STEP * (steps + 1), seed=1000 + seed)
+    bos = "<|bos|>"  # TRL tokenizes text; the special-token text becomes the BOS id (checked in main)
+    data = Dataset.from_dict({"prompt": [bos + render_prompt(p.question, Template.R1_ZERO) for p in problems],
+                              "pid": list(range(len(problems)))})
+
+    def reward(prompts, completions, pid, **_):
+        return compute_rewards(completions, [problems[i] for i in pid], task, RewardConfig())["total"]
+
+    ends, lengths = [], []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            ends.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "completions/mean_length" in logs:
+                lengths.append(logs["completions/mean_length"])
+
+    args = GRPOConfig(
+        output_dir=str(out), report_to="none", use_cpu=True, bf16=True, max_steps=steps, seed=seed,
+        per_device_train_batch_size=PROMPTS_PER_STEP * G, gradient_accumulation_steps=1, num_generations=G,
+        max_completion_length=NEW_TOKENS, generation_kwargs={"min_new_tokens": NEW_TOKENS}, temperature=1.0,
+        top_p=1.0, top_k=0, beta=0.0, num_iterations=1, epsilon=0.2, loss_type="grpo", scale_rewards="group",
+        learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9,
+        adam_beta2=0.95, max_grad_norm=1.0, logging_steps=1, save_strategy="no", disable_tqdm=True,
+        dataloader_num_workers=0, log_completions=False)
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
+    hf_tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=hf_tok,
+                          callbacks=[Clock()])
+    trainer.train()
+    return [b - a for a, b in zip(ends, ends[1:])], lengths
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=2, help="turns per side")
+    p.add_argument("--steps", type=int, default=3, help="timed GRPO steps per turn (after one warm-up step)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args()
+
+    import logging
+
+    import torch
+    import transformers
+    from nanor1.tasks import get_task
+    from nanor1.templates import Template, render_prompt
+    from nanor1.tokenizer import encode_prompt, load_tokenizer
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    transformers.utils.logging.set_verbosity_error()
+    logging.getLogger("trl").setLevel(logging.ERROR)
+    print("machine:", machine())
+    print("command:", command())
+    warn_if_shared()
+    task = get_task("chain_sum")
+    times: dict[str, list[float]] = {"ours": [], "trl": []}
+    lengths: dict[str, list[float]] = {"ours": [], "trl": []}
+    with tempfile.TemporaryDirectory() as d:
+        folder = Path(d) / "llama"
+        make_model(folder, task)
+        tok = load_tokenizer(folder)
+        # both sides must feed the model the same prompt ids: ours encodes BOS + text, TRL tokenizes "<|bos|>" + text
+        from transformers import AutoTokenizer
+        q = render_prompt(task.problems("train", 1)[0].question, Template.R1_ZERO)
+        hf_ids = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)("<|bos|>" + q)["input_ids"]
+        assert hf_ids == encode_prompt(tok, q), "TRL's prompt ids differ from ours"
+        print(f"model: Llama 256 x 4 layers, vocab {tok.vocab_size}, prompt {len(hf_ids)} tokens; "
+              f"{PROMPTS_PER_STEP} prompts x G={G}, {NEW_TOKENS} new tokens")
+        for r in range(args.rounds):
+            for side in ("ours", "trl"):
+                out = Path(d) / f"{side}{r}"
+                t0 = time.perf_counter()
+                if side == "ours":
+                    ts, ls = run_ours(folder, out, args.steps + 1, seed=r)
+                else:
+                    ts, ls = run_trl(folder, out, args.steps + 1, r, task, tok)
+                times[side] += ts
+                lengths[side] += ls
+                print(f"round {r + 1} {side:>4}: steps {[round(t, 2) for t in ts]} s (whole turn with loading and "
+                      f"warm-up {time.perf_counter() - t0:.1f} s)", flush=True)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    mean_len = {k: statistics.mean(v) for k, v in lengths.items()}
+    for k in times:
+        print(f"{k:>5}: median {med[k]:.2f} s/step over {len(times[k])} steps, mean completion length "
+              f"{mean_len[k]:.1f} tokens")
+    print(f"ours is {med['trl'] / med['ours']:.2f}x faster than TRL per GRPO step")
+    print("load average after:", ", ".join(f"{x:.2f}" for x in os.getloadavg()))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine(), "command": command(), "seconds": times,
+                                               "median_s": med, "mean_length": mean_len,
+                                               "speedup": med["trl"] / med["ours"]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Training throughput and MFU: nanor1's training step against a transformers DeepseekV3 loop of the same shape.
+
+The `speedrun` preset at batch 64 x 128 tokens, bf16 autocast, AdamW, gradient clipping and one optimizer step
+per iteration; ours also applies the MoE bias update, as `nanor1.train.train_loop` does. transformers' DeepseekV3
+has no MTP module, so ours runs twice: as configured (with its MTP loss) and with n_mtp_layers=0 (like for
+like). --compile adds both of ours under torch.compile (as `train_loop(compile=True)`; about two minutes of
+compilation each on 2 cores); transformers stays eager, as its Trainer is by default. Runs are interleaved so a
+busy CPU slows every side alike. Run:
+    python bench/train_bench.py [--batch 64] [--seq 128] [--reps 5] [--threads N] [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def machine() -> str:
+    import torch
+    import transformers
+    cpu = platform.processor() or "cpu"
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, torch {torch.__version__}, "
+            f"transformers {transformers.__version__}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
+            f"load average {load}")
+
+
+def warn_if_shared() -> None:
+    """Other jobs on the cores make every OpenMP barrier spin-wait for a descheduled thread (we saw 100x
+    slower decode steps); OMP_WAIT_POLICY=PASSIVE or --threads 1 avoids that."""
+    import torch
+    if torch.get_num_threads() > 1 and "OMP_WAIT_POLICY" not in os.environ and os.getloadavg()[0] > 1:
+        print("warning: the CPU is busy (load average above 1) and OpenMP threads spin-wait; rerun with "
+              "OMP_WAIT_POLICY=PASSIVE or --threads 1 for meaningful numbers")
+
+
+def command() -> str:
+    env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY",) if k in os.environ)
+    return (env + " " if env else "") + "python " + " ".join(shlex.quote(a) for a in sys.argv)
+
+
+def matmul_gflops(dtype, n: int = 2048, reps: int = 5) -> float:
+    """Measured n x n matmul throughput, to check the peak the MFU divides by."""
+    import torch
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        ts.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / min(ts) / 1e9
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--reps", type=int, default=5, help="timed steps per side, after one warm-up step each")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--compile", action="store_true", help="also time ours under torch.compile")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args()
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+    from nanor1.common import autocast, peak_flops
+    from nanor1.model import ModelConfig, Transformer
+    from nanor1.model.hf import to_hf_config, to_hf_state_dict
+    from nanor1.train import OptimConfig, flops_per_token, make_optimizer
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print("machine:", machine())
+    print("command:", command())
+    warn_if_shared()
+    dev, dtype = torch.device("cpu"), torch.bfloat16
+    peak, measured = peak_flops(dev, dtype), matmul_gflops(torch.bfloat16) * 1e9
+    print(f"measured 2048x2048 matmul: bf16 {measured / 1e9:.0f} GFLOP/s, fp32 {matmul_gflops(torch.float32):.0f} "
+          f"GFLOP/s; MFU divides by nanor1.common.peak_flops = {peak / 1e9:.0f} GFLOP/s (bf16), "
+          "'of matmul' by the measured bf16 matmul rate")
+
+    B, T = args.batch, args.seq
+    cfg = ModelConfig.preset("speedrun", max_seq_len=max(T + 1, 192))
+    tokens = torch.randint(10, cfg.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(0))
+    x, y = tokens[:, :-1], tokens[:, 1:]  # (B, T) inputs and next-token targets
+    optim = OptimConfig()
+
+    ours = {"ours (MTP)": Transformer(cfg).init_weights(0),
+            "ours (no MTP)": Transformer(ModelConfig.preset("speedrun", max_seq_len=cfg.max_seq_len,
+                                                            n_mtp_layers=0)).init_weights(0)}
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "config.json").write_text(json.dumps(to_hf_config(ours["ours (no MTP)"].cfg)))
+        save_file(to_hf_state_dict(ours["ours (no MTP)"]), f"{d}/model.safetensors", metadata={"format": "pt"})
+        hf_logging.set_verbosity_error()
+        hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, local_files_only=True)
+    hf.train()
+    opts = {name: make_optimizer(m.train(), optim) for name, m in ours.items()}
+    hf_opt = torch.optim.AdamW(hf.parameters(), lr=optim.lr, betas=(optim.beta1, optim.beta2),
+                               weight_decay=optim.weight_decay)
+
+    forwards = {name: m for name, m in ours.items()}
+    if args.compile:
+        for name in list(ours):
+            ours[name + " compiled"], opts[name + " compiled"] = ours[name], opts[name]
+            forwards[name + " compiled"] = torch.compile(ours[name])
+
+    def step_ours(name: str) -> float:
+        model, opt = ours[name], opts[name]
+        with autocast(dev, dtype):
+            out = forwards[name](x, y)
+        out.loss.backward()
+        loss = out.loss.item()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.update_moe_bias()
+        return loss
+
+    def step_hf() -> float:
+        with autocast(dev, dtype):
+            out = hf(input_ids=x, labels=x)  # transformers shifts the labels itself
+        out.loss.backward()
+        loss = out.loss.item()
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), optim.grad_clip)
+        hf_opt.step()
+        hf_opt.zero_grad(set_to_none=True)
+        return loss
+
+    runs = {name: (lambda n=name: step_ours(n)) for name in ours}
+    runs["transformers"] = step_hf
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    losses = {}
+    for name, fn in runs.items():  # warm-up (and compilation); the first losses of like models should agree
+        t0 = time.perf_counter()
+        losses[name] = fn()
+        print(f"warm-up step of {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+    print("first-step losses (random init, so about ln(vocab) = "
+          f"{torch.log(torch.tensor(float(cfg.vocab_size))):.2f}): "
+          + ", ".join(f"{k} {v:.3f}" for k, v in losses.items()))
+    for _ in range(args.reps):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+
+    results = {}
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        tps = B * T / med
+        model = ours.get(name, ours["ours (no MTP)"])  # transformers does the no-MTP model's FLOPs
+        fpt = flops_per_token(model, T)
+        results[name] = {"median_s": med, "tokens_per_s": tps, "flops_per_token": fpt, "mfu": tps * fpt / peak,
+                         "of_matmul": tps * fpt / measured, "all_s": [round(t, 3) for t in ts]}
+        print(f"{name:>23}: {tps:7.0f} tokens/s  MFU {tps * fpt / peak:6.2%}  of matmul {tps * fpt / measured:6.2%}  "
+              f"({fpt / 1e6:.1f} MFLOP/token; median {med:.3f} s/step of {results[name]['all_s']})")
+    hf_tps = results["transformers"]["tokens_per_s"]
+    for name in ours:
+        print(f"{name} / transformers: {results[name]['tokens_per_s'] / hf_tps:.2f}x tokens/s")
+    print("load average after:", ", ".join(f"{v:.2f}" for v in os.getloadavg()))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": machine(), "command": command(), "results": results},
+                                              indent=2))
+
+
+if __name__ == "__main__":
+    main()
