@@ -47,8 +47,8 @@ def warn_if_shared() -> None:
     """Other jobs on the cores make every OpenMP barrier spin-wait for a descheduled thread (we saw 100x
     slower decode steps); OMP_WAIT_POLICY=PASSIVE or --threads 1 avoids that."""
     import torch
-    if torch.get_num_threads() > 1 and "OMP_WAIT_POLICY" not in os.environ and os.getloadavg()[0] > 1:
-        print("warning: the CPU is busy (load average above 1) and OpenMP threads spin-wait; rerun with "
+    if torch.get_num_threads() > 1 and "OMP_WAIT_POLICY" not in os.environ and os.getloadavg()[0] > (os.cpu_count() or 1) - 0.5:
+        print("warning: the CPU is busy (load average near the core count) and OpenMP threads spin-wait; rerun with "
               "OMP_WAIT_POLICY=PASSIVE or --threads 1 for meaningful numbers")
 
 
@@ -89,8 +89,9 @@ class NoStop:
         return getattr(self._tok, name)
 
 
-def run_ours(folder: Path, out: Path, steps: int, seed: int) -> tuple[list[float], list[float]]:
-    """`steps` GRPO steps; returns the seconds of steps 2.. (step 1 is the warm-up) and mean lengths."""
+def run_ours(folder: Path, out: Path, steps: int, seed: int) -> tuple[list[float], list[float], list[dict]]:
+    """`steps` GRPO steps; returns the seconds of steps 2.. (step 1 is the warm-up), mean lengths, and the
+    rollout / policy-update seconds of those steps."""
     from nanor1.common import read_jsonl
     from nanor1.grpo import GRPOConfig, grpo
     from nanor1.policy import load_policy
@@ -104,14 +105,15 @@ def run_ours(folder: Path, out: Path, steps: int, seed: int) -> tuple[list[float
     grpo(cfg, policy=policy)
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if "step" in r]
     ends = [r["time"] for r in rows]
-    return [b - a for a, b in zip(ends, ends[1:])], [r["response_len"] for r in rows]
+    split = [{"rollout_s": r["rollout_s"], "train_s": r["train_s"]} for r in rows[1:]]
+    return [b - a for a, b in zip(ends, ends[1:])], [r["response_len"] for r in rows], split
 
 
 def run_trl(folder: Path, out: Path, steps: int, seed: int, task, tokenizer) -> tuple[list[float], list[float]]:
     """The same with trl.GRPOTrainer; step times are taken between on_step_end callbacks."""
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
     from nanor1.rewards import RewardConfig, compute_rewards
     from nanor1.templates import Template, render_prompt
@@ -145,6 +147,7 @@ def run_trl(folder: Path, out: Path, steps: int, seed: int, task, tokenizer) -> 
     hf_tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=hf_tok,
                           callbacks=[Clock()])
+    trainer.remove_callback(PrinterCallback)
     trainer.train()
     return [b - a for a, b in zip(ends, ends[1:])], lengths
 
@@ -158,6 +161,7 @@ def main() -> None:
     args = p.parse_args()
 
     import logging
+    import warnings
 
     import torch
     import transformers
@@ -168,11 +172,13 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     transformers.utils.logging.set_verbosity_error()
     logging.getLogger("trl").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renamed-argument notices
     print("machine:", machine())
     print("command:", command())
     warn_if_shared()
     task = get_task("chain_sum")
     times: dict[str, list[float]] = {"ours": [], "trl": []}
+    split: list[dict] = []
     lengths: dict[str, list[float]] = {"ours": [], "trl": []}
     with tempfile.TemporaryDirectory() as d:
         folder = Path(d) / "llama"
@@ -190,7 +196,8 @@ def main() -> None:
                 out = Path(d) / f"{side}{r}"
                 t0 = time.perf_counter()
                 if side == "ours":
-                    ts, ls = run_ours(folder, out, args.steps + 1, seed=r)
+                    ts, ls, sp = run_ours(folder, out, args.steps + 1, seed=r)
+                    split += sp
                 else:
                     ts, ls = run_trl(folder, out, args.steps + 1, r, task, tok)
                 times[side] += ts
@@ -202,6 +209,8 @@ def main() -> None:
     for k in times:
         print(f"{k:>5}: median {med[k]:.2f} s/step over {len(times[k])} steps, mean completion length "
               f"{mean_len[k]:.1f} tokens")
+    print(f"ours: median rollout {statistics.median(x['rollout_s'] for x in split):.2f} s + policy update "
+          f"{statistics.median(x['train_s'] for x in split):.2f} s per step")
     print(f"ours is {med['trl'] / med['ours']:.2f}x faster than TRL per GRPO step")
     print("load average after:", ", ".join(f"{x:.2f}" for x in os.getloadavg()))
     if args.json:
