@@ -39,7 +39,8 @@ def warn_if_shared() -> None:
     """Other jobs on the cores make every OpenMP barrier spin-wait for a descheduled thread (we saw 100x
     slower decode steps); OMP_WAIT_POLICY=PASSIVE or --threads 1 avoids that."""
     import torch
-    if torch.get_num_threads() > 1 and "OMP_WAIT_POLICY" not in os.environ and os.getloadavg()[0] > (os.cpu_count() or 1) - 0.5:
+    busy = os.getloadavg()[0] > (os.cpu_count() or 1) - 0.5
+    if torch.get_num_threads() > 1 and "OMP_WAIT_POLICY" not in os.environ and busy:
         print("warning: the CPU is busy (load average near the core count) and OpenMP threads spin-wait; rerun with "
               "OMP_WAIT_POLICY=PASSIVE or --threads 1 for meaningful numbers")
 

@@ -47,7 +47,8 @@ def warn_if_shared() -> None:
     """Other jobs on the cores make every OpenMP barrier spin-wait for a descheduled thread (we saw 100x
     slower decode steps); OMP_WAIT_POLICY=PASSIVE or --threads 1 avoids that."""
     import torch
-    if torch.get_num_threads() > 1 and "OMP_WAIT_POLICY" not in os.environ and os.getloadavg()[0] > (os.cpu_count() or 1) - 0.5:
+    busy = os.getloadavg()[0] > (os.cpu_count() or 1) - 0.5
+    if torch.get_num_threads() > 1 and "OMP_WAIT_POLICY" not in os.environ and busy:
         print("warning: the CPU is busy (load average near the core count) and OpenMP threads spin-wait; rerun with "
               "OMP_WAIT_POLICY=PASSIVE or --threads 1 for meaningful numbers")
 
@@ -109,7 +110,7 @@ def run_ours(folder: Path, out: Path, steps: int, seed: int) -> tuple[list[float
     return [b - a for a, b in zip(ends, ends[1:])], [r["response_len"] for r in rows], split
 
 
-def run_trl(folder: Path, out: Path, steps: int, seed: int, task, tokenizer) -> tuple[list[float], list[float]]:
+def run_trl(folder: Path, out: Path, steps: int, seed: int, task) -> tuple[list[float], list[float]]:
     """The same with trl.GRPOTrainer; step times are taken between on_step_end callbacks."""
     import torch
     from datasets import Dataset
@@ -199,7 +200,7 @@ def main() -> None:
                     ts, ls, sp = run_ours(folder, out, args.steps + 1, seed=r)
                     split += sp
                 else:
-                    ts, ls = run_trl(folder, out, args.steps + 1, r, task, tok)
+                    ts, ls = run_trl(folder, out, args.steps + 1, r, task)
                 times[side] += ts
                 lengths[side] += ls
                 print(f"round {r + 1} {side:>4}: steps {[round(t, 2) for t in ts]} s (whole turn with loading and "
