@@ -41,7 +41,8 @@ def write_manifest(folder: str | Path, kind: str, config: Any = None, parent: st
         "code_version": code_version(),
         "torch_version": torch.__version__,
         "seeds": seeds or {},
-        "parent": manifest_hash(parent) if parent else None,
+        # a parent without a manifest (e.g. a Hugging Face folder) is still named, just not hashed
+        "parent": manifest_hash(parent) if parent and (Path(parent) / MANIFEST).is_file() else None,
         "parent_path": str(parent) if parent else None,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **(extra or {}),

@@ -152,19 +152,33 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-# Measured peaks of the 2-core AVX-512/AMX CPU this project is developed on (2048x2048 matmul);
-# see bench/README.md. Used only to report model FLOPs utilisation (MFU).
-CPU_PEAK_FLOPS = {torch.float32: 375e9, torch.bfloat16: 2400e9}
 # Dense tensor-core peaks of common GPUs (bf16), for MFU on CUDA.
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
+_CPU_PEAK: dict[torch.dtype, float] = {}
+
+
+def measure_matmul_flops(dtype: torch.dtype, n: int = 2048, reps: int = 3) -> float:
+    """FLOP/s of an n x n matmul on this CPU in `dtype` (best of `reps`): the peak MFU is reported against."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    a @ b  # warm-up (kernel selection)
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
 
 
 def peak_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """The device's matmul peak: the table for GPUs; on a CPU, measured once per process (a CPU's bf16 rate
+    depends on AMX / AVX-512-BF16 support, so no constant fits every machine)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         peak = next((v for k, v in GPU_PEAK_BF16.items() if k in name), 312e12)
         return peak if dtype != torch.float32 else peak / 16
-    return CPU_PEAK_FLOPS.get(dtype, CPU_PEAK_FLOPS[torch.float32])
+    if dtype not in _CPU_PEAK:
+        _CPU_PEAK[dtype] = measure_matmul_flops(dtype)
+    return _CPU_PEAK[dtype]
 
 
 def set_threads() -> None:

@@ -149,6 +149,9 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
         probs = sorted_lp.softmax(-1)
         drop_sorted = (probs.cumsum(-1) - probs) > top_p.unsqueeze(1)  # keep the smallest set reaching top_p
         filtered = filtered.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    if bool(greedy.all()):  # no noise to draw: every row takes its argmax
+        tokens = logits.argmax(-1)
+        return tokens, logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
     noise = torch.stack([torch.rand(V, generator=g) for g in generators]).to(logits.device)
     gumbel = -torch.log(-torch.log(noise.clamp(min=1e-20)))
     sampled = (filtered + gumbel).argmax(-1)

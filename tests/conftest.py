@@ -2,8 +2,12 @@
 
 import os
 
-import pytest
-import torch
+# Tests run servers, clients and subprocesses side by side on 2 cores: OpenMP threads that spin at barriers
+# would then run ~100x slower (bench/README.md). Must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

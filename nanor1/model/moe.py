@@ -16,9 +16,10 @@ from nanor1.model.config import ModelConfig
 from nanor1.model.layers import MLP
 
 
-# Below this many FLOPs for running every expert on every token (a decode step of a small model), the
-# dense form is faster than a Python loop over experts; above it, only the chosen experts run.
-DENSE_FLOPS_MAX = 2e8
+# Up to this many tokens (a small decode batch) running every expert on every token in three batched
+# matmuls beats a Python loop over experts; past it, the wasted (E - k) / k compute costs more (measured in
+# bench/engine_bench.py on the speedrun preset).
+DENSE_MAX_TOKENS = 8
 
 
 class Gate(nn.Module):
@@ -71,8 +72,7 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (N, dim)
         weights, idx, scores = self.gate(flat)
-        dense_flops = flat.shape[0] * self.w_gate.numel() * 3
-        if dense_flops <= DENSE_FLOPS_MAX and not torch.is_grad_enabled():
+        if flat.shape[0] <= DENSE_MAX_TOKENS and not torch.is_grad_enabled():
             routed = self._dense_experts(flat, weights, idx)
         else:
             routed = self._sparse_experts(flat, weights, idx)
@@ -96,13 +96,9 @@ class MoE(nn.Module):
         order = flat_idx.argsort(stable=True)
         counts = torch.bincount(flat_idx, minlength=self.n_experts).tolist()
         token_of = order // self.top_k
-        xs = x[token_of]
-        outs, start = [], 0
-        for e, n in enumerate(counts):
-            if n:
-                outs.append(self._expert_ffn(xs[start:start + n], e))
-            start += n
-        ys = torch.cat(outs) * weights.flatten()[order, None].to(x.dtype)
+        # split (not slicing) keeps each chunk's backward from allocating a full-size zero gradient
+        chunks = x[token_of].split(counts)
+        ys = torch.cat([self._expert_ffn(xe, e) for e, xe in enumerate(chunks) if xe.shape[0]]) * weights.flatten()[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, ys.to(x.dtype))
 
     def _dense_experts(self, x, weights, idx) -> torch.Tensor:
