@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as _HFTok
 
 from nanor1.common import NanoR1Error, atomic_write_json, atomic_write_text
@@ -163,6 +163,9 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, merge_across_words: b
     tok = _HFTok(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
         pre_tokenizers.Digits(individual_digits=True),
+        # whitespace that ends a piece (e.g. before a <think> tag) stays its own token, so a prompt that stops
+        # at "Assistant:" tokenizes exactly as the same text does inside a training document
+        pre_tokenizers.Split(Regex(r"\s+\z"), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=not merge_across_words)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(

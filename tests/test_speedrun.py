@@ -1,0 +1,62 @@
+"""`nanor1 speedrun --quick` end to end (what CI runs): every stage leaves its artifact, the run verifies,
+the report is written, and a rerun resumes by skipping finished stages."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from nanor1.checkpoint import lineage, verify_run
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("speedrun")
+    r = subprocess.run([sys.executable, "-m", "nanor1.cli", "speedrun", "--quick", f"out_dir={out}"],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r
+
+
+def test_every_stage_leaves_its_artifact(quick_run):
+    out, _ = quick_run
+    for stage in ("base", "r1zero", "r1-cold", "r1-rl", "r1", "student-base", "student-distill", "student-rl"):
+        assert (out / stage / "final" / "manifest.json").is_file(), stage
+    for name in ("base", "r1zero", "r1", "student-base", "student-distill", "student-rl"):
+        assert (out / "eval" / name / "results.json").is_file(), name
+    assert (out / "r1-rs" / "data.jsonl").is_file() and (out / "distill-traces" / "data.jsonl").is_file()
+    times = json.loads((out / "stage_times.json").read_text())
+    assert len(times) == 14 and all(t >= 0 for t in times.values())
+
+
+def test_report_and_findings(quick_run):
+    out, r = quick_run
+    html = (out / "report" / "report.html").read_text()
+    assert "Findings" in html and "Stage times" in html and "<img" in html
+    findings = json.loads((out / "findings.json").read_text())
+    names = " ".join(f["finding"] for f in findings["findings"])
+    for claim in ("RL alone lifts", "response length", "majority voting", "cold start", "distilling"):
+        assert claim in names
+    assert findings["peak_memory_gib"] < 4.0
+    assert "report:" in r.stdout
+
+
+def test_run_verifies_with_lineage_from_tokenizer_to_student(quick_run):
+    out, _ = quick_run
+    v = verify_run(out)
+    assert v["links"] >= 10
+    chain = [p.relative_to(out).as_posix() for p in lineage(out / "student-distill" / "final")]
+    assert chain == ["student-distill/final", "student-base/final", "base/tokenizer"]
+    sft_manifest = json.loads((out / "student-distill" / "final" / "manifest.json").read_text())
+    assert sft_manifest["inputs"]["data"]["path"].endswith("distill-traces")  # the traces' lineage: from R1
+    traces = json.loads((out / "distill-traces" / "manifest.json").read_text())
+    assert traces["parent_path"].endswith("r1/final")
+
+
+def test_rerun_skips_finished_stages(quick_run):
+    out, _ = quick_run
+    r = subprocess.run([sys.executable, "-m", "nanor1.cli", "speedrun", "--quick", f"out_dir={out}"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("done already, skipped") == 14
