@@ -29,7 +29,8 @@ class SpeedrunConfig:
     # sizes of each stage (the defaults fit ~15 minutes on a 2-core AVX-512/AMX CPU; see docs/speedrun.md)
     pretrain_steps: int = 450
     pretrain_docs: int = 40_000
-    rl_steps: int = 60  # R1-Zero and the R1 RL stage take the same number of steps
+    pretrain_lr: float = 5e-3
+    rl_steps: int = 50  # R1-Zero and the R1 RL stage take the same number of steps
     rl_prompts: int = 16
     rl_group: int = 8
     rl_lr: float = 5e-5
@@ -94,6 +95,7 @@ class Speedrun:
             f"out_dir={self.out / name}", f"steps={steps}", f"task={c.task}", f"n_docs={c.pretrain_docs}",
             f"seed={c.seed}", f"device={c.device}", f"tokenizer={tok}", "ckpt_every=100", "log_every=10"])
         cfg.model_overrides = dict(model_overrides)
+        cfg.optim.lr = c.pretrain_lr
         cfg.resume = (self.out / name / "ckpt" / "latest").is_file()
         return pretrain(cfg)
 

@@ -155,10 +155,12 @@ PRESETS: dict[str, ModelConfig] = {
                         moe_inter_dim=32, n_expert_groups=2, n_limited_groups=1, route_scale=1.0,
                         n_mtp_layers=1),
     # sized to pretrain in a few minutes on 2 CPU cores (see docs and bench/README.md)
+    # (rope 32 + nope 16: copying the question's operands into the reasoning needs positions more than
+    # content; a light MTP weight, since two-ahead digits of a random problem are mostly noise)
     "speedrun": ModelConfig(vocab_size=512, dim=192, n_layers=4, n_heads=4, max_seq_len=192, q_lora_rank=0,
-                            kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+                            kv_lora_rank=64, qk_nope_head_dim=16, qk_rope_head_dim=32, v_head_dim=32,
                             inter_dim=512, n_dense_layers=1, n_routed_experts=8, n_shared_experts=1,
-                            n_activated_experts=2, moe_inter_dim=128, n_mtp_layers=1,
+                            n_activated_experts=2, moe_inter_dim=128, n_mtp_layers=1, mtp_loss_weight=0.1,
                             bias_update_speed=0.01),  # a few hundred steps need a faster balancing bias
     # ~100M parameters (about half active): a real small model for a GPU or a long CPU run
     "small": ModelConfig(vocab_size=32768, dim=512, n_layers=12, n_heads=8, max_seq_len=2048, q_lora_rank=256,
