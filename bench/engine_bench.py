@@ -12,55 +12,18 @@ import argparse
 import copy
 import json
 import os
-import platform
-import shlex
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-
-def machine() -> str:
-    import torch
-    import transformers
-    cpu = platform.processor() or "cpu"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, torch {torch.__version__}, "
-            f"transformers {transformers.__version__}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
-            f"load average {load}")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import command, export_hf, machine, warn_if_shared  # noqa: E402
 
 
-def warn_if_shared() -> None:
-    """Other jobs on the cores make every OpenMP barrier spin-wait for a descheduled thread (we saw 100x
-    slower decode steps); OMP_WAIT_POLICY=PASSIVE or --threads 1 avoids that."""
-    import torch
-    busy = os.getloadavg()[0] > (os.cpu_count() or 1) - 0.5
-    if torch.get_num_threads() > 1 and "OMP_WAIT_POLICY" not in os.environ and busy:
-        print("warning: the CPU is busy (load average near the core count) and OpenMP threads spin-wait; rerun with "
-              "OMP_WAIT_POLICY=PASSIVE or --threads 1 for meaningful numbers")
 
 
-def command() -> str:
-    env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY",) if k in os.environ)
-    return (env + " " if env else "") + "python " + " ".join(shlex.quote(a) for a in sys.argv)
-
-
-def export_hf(model, folder: Path):
-    """The nanor1 model as a transformers DeepseekV3ForCausalLM (same weights, float32)."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-    from nanor1.model.hf import to_hf_config, to_hf_state_dict
-    (folder / "config.json").write_text(json.dumps(to_hf_config(model.cfg)))
-    save_file(to_hf_state_dict(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
-    hf_logging.set_verbosity_error()  # transformers has no MTP module: it lists the MTP weights as unexpected
-    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True).eval()
 
 
 def main() -> None:

@@ -17,45 +17,16 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import platform  # noqa: E402
-import shlex  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import command, machine, warn_if_shared  # noqa: E402
+
 PROMPTS_PER_STEP, G, NEW_TOKENS, LR = 8, 8, 32, 5e-5
-
-
-def machine() -> str:
-    import torch
-    import transformers
-    import trl
-    cpu = platform.processor() or "cpu"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, torch {torch.__version__}, "
-            f"transformers {transformers.__version__}, trl {trl.__version__}, "
-            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, load average {load}")
-
-
-def warn_if_shared() -> None:
-    """Other jobs on the cores make every OpenMP barrier spin-wait for a descheduled thread (we saw 100x
-    slower decode steps); OMP_WAIT_POLICY=PASSIVE or --threads 1 avoids that."""
-    import torch
-    busy = os.getloadavg()[0] > (os.cpu_count() or 1) - 0.5
-    if torch.get_num_threads() > 1 and "OMP_WAIT_POLICY" not in os.environ and busy:
-        print("warning: the CPU is busy (load average near the core count) and OpenMP threads spin-wait; rerun with "
-              "OMP_WAIT_POLICY=PASSIVE or --threads 1 for meaningful numbers")
-
-
-def command() -> str:
-    env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY",) if k in os.environ)
-    return (env + " " if env else "") + "python " + " ".join(shlex.quote(a) for a in sys.argv)
 
 
 def make_model(folder: Path, task) -> None:

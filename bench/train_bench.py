@@ -14,55 +14,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import shlex
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-
-def machine() -> str:
-    import torch
-    import transformers
-    cpu = platform.processor() or "cpu"
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (f"{cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, torch {torch.__version__}, "
-            f"transformers {transformers.__version__}, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}, "
-            f"load average {load}")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import command, machine, warn_if_shared  # noqa: E402
 
 
-def warn_if_shared() -> None:
-    """Other jobs on the cores make every OpenMP barrier spin-wait for a descheduled thread (we saw 100x
-    slower decode steps); OMP_WAIT_POLICY=PASSIVE or --threads 1 avoids that."""
-    import torch
-    busy = os.getloadavg()[0] > (os.cpu_count() or 1) - 0.5
-    if torch.get_num_threads() > 1 and "OMP_WAIT_POLICY" not in os.environ and busy:
-        print("warning: the CPU is busy (load average near the core count) and OpenMP threads spin-wait; rerun with "
-              "OMP_WAIT_POLICY=PASSIVE or --threads 1 for meaningful numbers")
 
-
-def command() -> str:
-    env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY",) if k in os.environ)
-    return (env + " " if env else "") + "python " + " ".join(shlex.quote(a) for a in sys.argv)
-
-
-def matmul_gflops(dtype, n: int = 2048, reps: int = 5) -> float:
-    """Measured n x n matmul throughput, to check the peak the MFU divides by."""
-    import torch
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ b
-        ts.append(time.perf_counter() - t0)
-    return 2 * n ** 3 / min(ts) / 1e9
 
 
 def main() -> None:
@@ -76,12 +38,8 @@ def main() -> None:
     args = p.parse_args()
 
     import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-    from nanor1.common import autocast, peak_flops
+    from nanor1.common import autocast, measure_matmul_flops, peak_flops
     from nanor1.model import ModelConfig, Transformer
-    from nanor1.model.hf import to_hf_config, to_hf_state_dict
     from nanor1.train import OptimConfig, flops_per_token, make_optimizer
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -89,10 +47,10 @@ def main() -> None:
     print("command:", command())
     warn_if_shared()
     dev, dtype = torch.device("cpu"), torch.bfloat16
-    peak, measured = peak_flops(dev, dtype), matmul_gflops(torch.bfloat16) * 1e9
-    print(f"measured 2048x2048 matmul: bf16 {measured / 1e9:.0f} GFLOP/s, fp32 {matmul_gflops(torch.float32):.0f} "
-          f"GFLOP/s; MFU divides by nanor1.common.peak_flops = {peak / 1e9:.0f} GFLOP/s (bf16), "
-          "'of matmul' by the measured bf16 matmul rate")
+    peak, measured = peak_flops(dev, dtype), measure_matmul_flops(torch.bfloat16)
+    print(f"measured 2048x2048 matmul: bf16 {measured / 1e9:.0f} GFLOP/s, fp32 "
+          f"{measure_matmul_flops(torch.float32) / 1e9:.0f} GFLOP/s; MFU divides by nanor1.common.peak_flops = "
+          f"{peak / 1e9:.0f} GFLOP/s (bf16, measured the same way)")
 
     B, T = args.batch, args.seq
     cfg = ModelConfig.preset("speedrun", max_seq_len=max(T + 1, 192))
@@ -104,10 +62,7 @@ def main() -> None:
             "ours (no MTP)": Transformer(ModelConfig.preset("speedrun", max_seq_len=cfg.max_seq_len,
                                                             n_mtp_layers=0)).init_weights(0)}
     with tempfile.TemporaryDirectory() as d:
-        (Path(d) / "config.json").write_text(json.dumps(to_hf_config(ours["ours (no MTP)"].cfg)))
-        save_file(to_hf_state_dict(ours["ours (no MTP)"]), f"{d}/model.safetensors", metadata={"format": "pt"})
-        hf_logging.set_verbosity_error()
-        hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32, local_files_only=True)
+        hf = export_hf(ours["ours (no MTP)"], Path(d))
     hf.train()
     opts = {name: make_optimizer(m.train(), optim) for name, m in ours.items()}
     hf_opt = torch.optim.AdamW(hf.parameters(), lr=optim.lr, betas=(optim.beta1, optim.beta2),

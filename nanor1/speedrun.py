@@ -9,9 +9,8 @@ with R1's protocol -> report. Finished stages are skipped on a rerun, so an inte
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 

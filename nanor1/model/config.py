@@ -7,7 +7,6 @@ sizes; `param_counts()` gives total/active parameters without building the model
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
