@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command, machine, warn_if_shared  # noqa: E402
+from common import command, export_hf, machine, warn_if_shared  # noqa: E402
 
 
 
