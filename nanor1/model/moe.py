@@ -20,6 +20,9 @@ from nanor1.model.layers import MLP
 # matmuls beats a Python loop over experts; past it, the wasted (E - k) / k compute costs more (measured in
 # bench/engine_bench.py on the speedrun preset).
 DENSE_MAX_TOKENS = 8
+# Up to this many tokens (a decode step of a big batch), experts run as batched matmuls over per-expert
+# buckets padded to the busiest expert's load; past it (prefill, training) an exact-size loop wastes less.
+GROUPED_MAX_TOKENS = 256
 
 
 class Gate(nn.Module):
@@ -72,10 +75,13 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])  # (N, dim)
         weights, idx, scores = self.gate(flat)
-        if flat.shape[0] <= DENSE_MAX_TOKENS and not torch.is_grad_enabled():
+        n = flat.shape[0]
+        if torch.is_grad_enabled() or n > GROUPED_MAX_TOKENS:
+            routed = self._sparse_experts(flat, weights, idx)
+        elif n <= DENSE_MAX_TOKENS:
             routed = self._dense_experts(flat, weights, idx)
         else:
-            routed = self._sparse_experts(flat, weights, idx)
+            routed = self._grouped_experts(flat, weights, idx)
         out = routed.view(shape)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
@@ -100,6 +106,26 @@ class MoE(nn.Module):
         chunks = x[token_of].split(counts)
         ys = torch.cat([self._expert_ffn(xe, e) for e, xe in enumerate(chunks) if xe.shape[0]]) * weights.flatten()[order, None].to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, ys.to(x.dtype))
+
+    def _grouped_experts(self, x, weights, idx) -> torch.Tensor:
+        """Inference: tokens bucketed per expert into one (E, capacity, dim) tensor, so every expert runs in
+        three batched matmuls instead of a Python loop; capacity is the busiest expert's load, rounded up to
+        a multiple of 16 so only a few shapes occur. (Training keeps the exact-size loop: no padded compute.)"""
+        E, k = self.n_experts, self.top_k
+        flat_idx = idx.flatten()
+        order = flat_idx.argsort(stable=True)
+        counts = torch.bincount(flat_idx, minlength=E)
+        cap = -(-int(counts.max()) // 16) * 16
+        expert = flat_idx[order]
+        pos = torch.arange(order.numel(), device=x.device) - (counts.cumsum(0) - counts)[expert]
+        token_of = order // k
+        buf = x.new_zeros(E, cap, x.shape[-1])
+        buf[expert, pos] = x[token_of]
+        dt = x.dtype
+        h = F.silu(torch.bmm(buf, self.w_gate.to(dt).transpose(1, 2))) * torch.bmm(buf, self.w_up.to(dt).transpose(1, 2))
+        y = torch.bmm(h, self.w_down.to(dt).transpose(1, 2))  # (E, cap, dim)
+        ys = y[expert, pos] * weights.flatten()[order, None].to(dt)
+        return torch.zeros_like(x).index_add_(0, token_of, ys)
 
     def _dense_experts(self, x, weights, idx) -> torch.Tensor:
         """Every expert on every token, then a weighted sum: for a handful of tokens (decode) three batched
