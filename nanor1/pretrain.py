@@ -47,6 +47,7 @@ class PretrainConfig:
     compile: bool = False
     resume: bool = False
     progress: bool = True
+    stage: str = "pretrain"  # the name in logs and manifests (the speedrun has base and student-base)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
@@ -125,9 +126,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
 
     loop = LoopConfig(steps=cfg.steps, grad_accum=cfg.grad_accum, log_every=cfg.log_every,
                       eval_every=cfg.eval_every, ckpt_every=cfg.ckpt_every, seed=cfg.seed, tracking=cfg.tracking)
-    ckpt_kwargs = dict(tokenizer=tok, kind="pretrain", run_config=to_dict(cfg), parent=tok_dir,
+    ckpt_kwargs = dict(tokenizer=tok, kind=cfg.stage, run_config=to_dict(cfg), parent=tok_dir,
                        seeds={"seed": cfg.seed})
     train_loop(model, lambda step, micro: stream_batch(train, cfg.batch_size, cfg.seq_len, cfg.seed, step, micro),
-               loop, cfg.optim, out_dir, device=device, dtype=dtype, stage="pretrain", eval_loss=val_loss,
+               loop, cfg.optim, out_dir, device=device, dtype=dtype, stage=cfg.stage, eval_loss=val_loss,
                resume=cfg.resume, ckpt_kwargs=ckpt_kwargs, show_progress=cfg.progress, compile=cfg.compile)
     return save_checkpoint(out_dir / "final", model.float().cpu(), **ckpt_kwargs)

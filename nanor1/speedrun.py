@@ -92,7 +92,8 @@ class Speedrun:
         tok = str(self.out / "base" / "tokenizer") if name != "base" else ""
         cfg = load_config(PretrainConfig, overrides=[
             f"out_dir={self.out / name}", f"steps={steps}", f"task={c.task}", f"n_docs={c.pretrain_docs}",
-            f"seed={c.seed}", f"device={c.device}", f"tokenizer={tok}", "ckpt_every=100", "log_every=10"])
+            f"seed={c.seed}", f"device={c.device}", f"tokenizer={tok}", "ckpt_every=100", "log_every=10",
+            f"stage={name}"])
         cfg.model_overrides = dict(model_overrides)
         cfg.optim.lr = c.pretrain_lr
         cfg.resume = (self.out / name / "ckpt" / "latest").is_file()
