@@ -1,0 +1,37 @@
+"""Can a base model reason on chain_sum yet? Greedy completions after the R1-Zero prompt + " <think>".
+
+Counts, over held-out problems, the chains whose first step copies the question's first two operands and the
+chains whose last number is the answer. This is the probe docs/speedrun.md uses to calibrate the base. Run:
+    python bench/base_probe.py runs/speedrun/base/final [--problems 100]
+"""
+
+import argparse
+import re
+
+from nanor1.engine import SamplingParams
+from nanor1.policy import load_policy
+from nanor1.tasks import get_task
+from nanor1.templates import Template, render_prompt
+from nanor1.tokenizer import encode_prompt
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model")
+    p.add_argument("--problems", type=int, default=100)
+    p.add_argument("--task", default="chain_sum")
+    args = p.parse_args()
+    policy = load_policy(args.model)
+    tok = policy.tokenizer
+    problems = get_task(args.task).problems("eval", args.problems, 0)
+    prompts = [encode_prompt(tok, render_prompt(x.question, Template.R1_ZERO) + " <think>") for x in problems]
+    outs = policy.engine(len(prompts)).generate(prompts, SamplingParams(max_new_tokens=48, temperature=0))
+    first = sum(o.text.strip().split(",")[0].replace(" ", "").split("=")[0] == "+".join(x.question.split("+")[:2])
+                for o, x in zip(outs, problems))
+    right = sum((re.findall(r"\d+", o.text) or ["x"])[-1] == x.answer for o, x in zip(outs, problems))
+    print(f"{args.model}: first step copied {first} / {len(problems)}; answer right {right} / {len(problems)}")
+    print(f"example: {problems[0].question} -> {outs[0].text!r}")
+
+
+if __name__ == "__main__":
+    main()
