@@ -131,6 +131,17 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def save_train_state(folder: Path, optimizer=None, train_state: dict | None = None) -> None:
+    """Optimizer tensors + torch RNG as safetensors, the rest (step, data position) as JSON; nothing when
+    there is no state to resume."""
+    if optimizer is None and train_state is None:
+        return
+    tensors, meta = _flatten_optimizer(optimizer) if optimizer is not None else ({}, {})
+    tensors["rng.torch"] = torch.get_rng_state()
+    save_file(tensors, str(folder / "train_state.safetensors"))
+    atomic_write_json(folder / "train_state.json", {"optimizer": meta, **(train_state or {})})
+
+
 # ----------------------------------------------------------------------------- save / load
 
 def save_checkpoint(folder: str | Path, model: Transformer, *, tokenizer=None, optimizer=None,
@@ -148,11 +159,7 @@ def save_checkpoint(folder: str | Path, model: Transformer, *, tokenizer=None, o
         model.cfg.save(tmp / "model_config.json")
         if tokenizer is not None:
             tokenizer.save(tmp)
-        if optimizer is not None or train_state is not None:
-            tensors, meta = _flatten_optimizer(optimizer) if optimizer is not None else ({}, {})
-            tensors["rng.torch"] = torch.get_rng_state()
-            save_file(tensors, str(tmp / "train_state.safetensors"))
-            atomic_write_json(tmp / "train_state.json", {"optimizer": meta, **(train_state or {})})
+        save_train_state(tmp, optimizer, train_state)
         write_manifest(tmp, kind, config=run_config, parent=parent, seeds=seeds,
                        extra={"model_config": model.cfg.to_dict(), **input_hashes(inputs)})
         _commit_folder(tmp, final)

@@ -16,23 +16,28 @@ from nanor1.common import NanoR1Error, atomic_write_bytes, sha256_bytes
 
 # ----------------------------------------------------------------------------- pretraining stream
 
+def jsonl_rows(path: Path) -> Iterable[tuple[int, object]]:
+    """(line number, parsed row) for each non-blank line; a malformed line is an error naming it."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield n, json.loads(line)
+            except json.JSONDecodeError:
+                raise NanoR1Error(f"{path}:{n}: not valid JSON") from None
+
+
 def read_text_documents(path: str | Path, field: str = "text") -> Iterable[str]:
     """Documents from a .txt file (blank-line separated) or a .jsonl file (one {"text": ...} per line)."""
     path = Path(path)
     if not path.is_file():
         raise NanoR1Error(f"{path}: data file not found")
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    raise NanoR1Error(f"{path}:{n}: not valid JSON") from None
-                if not isinstance(row, dict) or not isinstance(row.get(field), str):
-                    raise NanoR1Error(f"{path}:{n}: missing text field {field!r} (set the field name)")
-                yield row[field]
+        for n, row in jsonl_rows(path):
+            if not isinstance(row, dict) or not isinstance(row.get(field), str):
+                raise NanoR1Error(f"{path}:{n}: missing text field {field!r} (set the field name)")
+            yield row[field]
     else:
         text = path.read_text(encoding="utf-8", errors="replace")
         for doc in text.split("\n\n"):
@@ -146,24 +151,17 @@ def read_sft_jsonl(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise NanoR1Error(f"{path}: SFT data file not found")
     out = []
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise NanoR1Error(f"{path}:{n}: not valid JSON") from None
-            msgs = row.get("messages") if isinstance(row, dict) else None
-            if not isinstance(msgs, list) or not msgs:
-                raise NanoR1Error(f"{path}:{n}: missing 'messages' (a list of {{role, content}})")
-            for m in msgs:
-                if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
-                        or not isinstance(m.get("content"), str):
-                    raise NanoR1Error(f"{path}:{n}: each message needs role system/user/assistant and text content")
-            if msgs[-1]["role"] != "assistant":
-                raise NanoR1Error(f"{path}:{n}: the last message must be the assistant's")
-            out.append(row)
+    for n, row in jsonl_rows(path):
+        msgs = row.get("messages") if isinstance(row, dict) else None
+        if not isinstance(msgs, list) or not msgs:
+            raise NanoR1Error(f"{path}:{n}: missing 'messages' (a list of {{role, content}})")
+        for m in msgs:
+            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                    or not isinstance(m.get("content"), str):
+                raise NanoR1Error(f"{path}:{n}: each message needs role system/user/assistant and text content")
+        if msgs[-1]["role"] != "assistant":
+            raise NanoR1Error(f"{path}:{n}: the last message must be the assistant's")
+        out.append(row)
     if not out:
         raise NanoR1Error(f"{path}: no examples (the file is empty)")
     return out

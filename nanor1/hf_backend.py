@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from nanor1.common import NanoR1Error, atomic_write_json
+from nanor1.common import NanoR1Error
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -168,18 +168,13 @@ def save_hf_policy(folder: str | Path, model, tokenizer, *, kind: str = "checkpo
     Optimizer and RNG state use the same train_state.{safetensors,json} files as nanor1 checkpoints, so
     `nanor1.checkpoint.load_train_state` resumes from either.
     """
-    from safetensors.torch import save_file
-    from nanor1.checkpoint import _commit_folder, _flatten_optimizer, _tmp_folder, write_manifest
+    from nanor1.checkpoint import _commit_folder, _tmp_folder, save_train_state, write_manifest
     final = Path(folder)
     tmp = _tmp_folder(final)
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)
         save_tokenizer(tokenizer, tmp)
-        if optimizer is not None or train_state is not None:
-            tensors, meta = _flatten_optimizer(optimizer) if optimizer is not None else ({}, {})
-            tensors["rng.torch"] = torch.get_rng_state()
-            save_file(tensors, str(tmp / "train_state.safetensors"))
-            atomic_write_json(tmp / "train_state.json", {"optimizer": meta, **(train_state or {})})
+        save_train_state(tmp, optimizer, train_state)
         write_manifest(tmp, kind, config=run_config, parent=parent, seeds=seeds,
                        extra={"hf_architectures": list(getattr(model.config, "architectures", None) or [])})
         _commit_folder(tmp, final)
