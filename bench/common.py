@@ -49,3 +49,13 @@ def export_hf(model, folder: Path):
     save_file(to_hf_state_dict(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
     hf_logging.set_verbosity_error()  # transformers has no MTP module: it lists the MTP weights as unexpected
     return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True).eval()
+
+
+def start(threads: int) -> None:
+    """What every bench does first: set torch's threads, print the machine and the command, warn if shared."""
+    import torch
+    if threads:
+        torch.set_num_threads(threads)
+    print("machine:", machine())
+    print("command:", command())
+    warn_if_shared()

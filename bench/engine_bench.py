@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command, export_hf, machine, warn_if_shared  # noqa: E402
+from common import command, export_hf, machine, start  # noqa: E402
 
 
 
@@ -40,11 +40,7 @@ def main() -> None:
     import torch
     from nanor1.engine import Engine, SamplingParams
     from nanor1.model import ModelConfig, Transformer
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print("machine:", machine())
-    print("command:", command())
-    warn_if_shared()
+    start(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
     T, N = args.prompt_len, args.new_tokens
     cfg = ModelConfig.preset("speedrun")

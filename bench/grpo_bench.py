@@ -24,7 +24,7 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command, machine, warn_if_shared  # noqa: E402
+from common import command, machine, start  # noqa: E402
 
 PROMPTS_PER_STEP, G, NEW_TOKENS, LR = 8, 8, 32, 5e-5
 
@@ -145,9 +145,7 @@ def main() -> None:
     transformers.utils.logging.set_verbosity_error()
     logging.getLogger("trl").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renamed-argument notices
-    print("machine:", machine())
-    print("command:", command())
-    warn_if_shared()
+    start(0)  # threads were set above, before transformers was configured
     task = get_task("chain_sum")
     times: dict[str, list[float]] = {"ours": [], "trl": []}
     split: list[dict] = []

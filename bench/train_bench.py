@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command, export_hf, machine, warn_if_shared  # noqa: E402
+from common import command, export_hf, machine, start  # noqa: E402
 
 
 
@@ -41,11 +41,7 @@ def main() -> None:
     from nanor1.common import autocast, measure_matmul_flops, peak_flops
     from nanor1.model import ModelConfig, Transformer
     from nanor1.train import OptimConfig, flops_per_token, make_optimizer
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print("machine:", machine())
-    print("command:", command())
-    warn_if_shared()
+    start(args.threads)
     dev, dtype = torch.device("cpu"), torch.bfloat16
     peak, measured = peak_flops(dev, dtype), measure_matmul_flops(torch.bfloat16)
     print(f"measured 2048x2048 matmul: bf16 {measured / 1e9:.0f} GFLOP/s, fp32 "

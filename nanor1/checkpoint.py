@@ -223,7 +223,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 def save_run_checkpoint(run_dir: str | Path, step: int, model: Transformer | None = None, keep: int = 2,
                         save=None, **kwargs) -> Path:
-    """Save ckpt/step_XXXXXXX (with `save(folder)` if given, else save_checkpoint of `model`), point
+    """Save ckpt/step_<7-digit step> (with `save(folder)` if given, else save_checkpoint of `model`), point
     ckpt/latest at it, and keep only the newest `keep` checkpoints."""
     ckpt_dir = Path(run_dir) / "ckpt"
     folder = ckpt_dir / f"step_{step:07d}"

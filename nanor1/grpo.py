@@ -16,15 +16,15 @@ from pathlib import Path
 import torch
 
 from nanor1.checkpoint import latest_checkpoint, load_train_state, save_run_checkpoint
-from nanor1.common import JsonlLogger, NanoR1Error, autocast, progress, resolve_device, resolve_dtype, set_threads
-from nanor1.config import save_config, to_dict
+from nanor1.common import JsonlLogger, NanoR1Error, autocast, progress
+from nanor1.config import to_dict
 from nanor1.engine import Completion, SamplingParams
 from nanor1.metrics import MetricsSink, TrackingConfig
 from nanor1.rewards import RewardConfig, compute_rewards
 from nanor1.rl import GRPOLossConfig, gather_logprobs, group_advantages, policy_loss, token_entropy, \
     zero_variance_groups
 from nanor1.templates import Template, render_prompt
-from nanor1.train import OptimConfig, Schedule, lr_at, make_optimizer
+from nanor1.train import start_run, OptimConfig, Schedule, lr_at, make_optimizer
 
 
 @dataclass
@@ -136,12 +136,7 @@ def grpo(cfg: GRPOConfig, policy=None) -> Path:
     """Run GRPO from `cfg.model` (or an in-memory Policy); returns the final policy's folder."""
     from nanor1.policy import load_policy
     from nanor1.tasks import get_task
-    cfg.validate()
-    set_threads()
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir / "config.yaml")
-    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+    out_dir, device, dtype = start_run(cfg)
     start = 0
     resume_from = latest_checkpoint(out_dir) if cfg.resume else None
     if cfg.resume and resume_from is None:

@@ -14,12 +14,12 @@ from pathlib import Path
 import torch
 
 from nanor1.checkpoint import save_checkpoint, write_manifest
-from nanor1.common import NanoR1Error, resolve_device, resolve_dtype, set_threads
-from nanor1.config import save_config, to_dict
+from nanor1.common import NanoR1Error
+from nanor1.config import to_dict
 from nanor1.data import build_token_stream, read_text_documents, stream_batch
 from nanor1.model import ModelConfig, Transformer
 from nanor1.metrics import TrackingConfig
-from nanor1.train import LoopConfig, OptimConfig, train_loop
+from nanor1.train import start_run, LoopConfig, OptimConfig, train_loop
 
 
 @dataclass
@@ -90,12 +90,7 @@ def get_tokenizer(cfg: PretrainConfig, docs: list[str], out_dir: Path):
 
 def pretrain(cfg: PretrainConfig) -> Path:
     """Train a base model; returns its checkpoint folder (out_dir/final)."""
-    cfg.validate()
-    set_threads()
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir / "config.yaml")
-    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+    out_dir, device, dtype = start_run(cfg)
     docs = corpus_documents(cfg)
     if len(docs) < 10:
         raise NanoR1Error(f"only {len(docs)} documents: too few to train on (n_docs or data_files)")

@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 
 from nanor1.checkpoint import save_checkpoint
-from nanor1.common import NanoR1Error, resolve_device, resolve_dtype, set_threads
-from nanor1.config import save_config, to_dict
+from nanor1.common import NanoR1Error
+from nanor1.config import to_dict
 from nanor1.data import SFTData, read_sft_jsonl
 from nanor1.metrics import TrackingConfig
-from nanor1.train import LoopConfig, OptimConfig, train_loop
+from nanor1.train import start_run, LoopConfig, OptimConfig, train_loop
 
 
 @dataclass
@@ -61,15 +61,10 @@ def load_examples(cfg: SFTConfig) -> list[dict]:
 
 def sft(cfg: SFTConfig, model=None, tokenizer=None) -> Path:
     """Fine-tune `cfg.model` (or the given in-memory model) on chat examples; returns out_dir/final."""
-    cfg.validate()
-    set_threads()
     from nanor1.policy import load_nanor1
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir / "config.yaml")
+    out_dir, device, dtype = start_run(cfg)
     if model is None:
         model, tokenizer = load_nanor1(cfg.model)
-    device, dtype = resolve_device(cfg.device), resolve_dtype(cfg.dtype)
     if cfg.max_len > model.cfg.max_seq_len:
         raise NanoR1Error(f"max_len {cfg.max_len} exceeds the model's context of {model.cfg.max_seq_len}")
     data = SFTData(load_examples(cfg), tokenizer, cfg.max_len + 1, cfg.batch_size, cfg.seed)

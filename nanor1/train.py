@@ -49,6 +49,19 @@ class OptimConfig:
             raise NanoR1Error("warmup_steps, weight_decay and grad_clip must be >= 0")
 
 
+def start_run(cfg) -> tuple[Path, torch.device, torch.dtype]:
+    """What every training stage does first: check the config, use every core, create out_dir and record
+    the resolved config there. Returns (out_dir, device, dtype)."""
+    from nanor1.common import resolve_device, resolve_dtype, set_threads
+    from nanor1.config import save_config
+    cfg.validate()
+    set_threads()
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "config.yaml")
+    return out_dir, resolve_device(cfg.device), resolve_dtype(cfg.dtype)
+
+
 def lr_at(step: int, total: int, cfg: OptimConfig) -> float:
     """Learning rate for optimizer step `step` (0-based) of `total`."""
     if step < cfg.warmup_steps:
