@@ -1,7 +1,7 @@
 """Can a base model reason on chain_sum yet? Greedy completions after the R1-Zero prompt + " <think>".
 
-Counts, over held-out problems, the chains whose first step copies the question's first two operands and the
-chains whose last number is the answer. This is the probe docs/speedrun.md uses to calibrate the base. Run:
+Counts, over held-out problems, the chains whose first step is the worked solution's first step and the chains
+whose last number is the answer. This is the probe docs/speedrun.md uses to calibrate the base. Run:
     python bench/base_probe.py runs/speedrun/base/final [--problems 100]
 """
 
@@ -26,8 +26,10 @@ def main() -> None:
     problems = get_task(args.task).problems("eval", args.problems, 0)
     prompts = [encode_prompt(tok, render_prompt(x.question, Template.R1_ZERO) + " <think>") for x in problems]
     outs = policy.engine(len(prompts)).generate(prompts, SamplingParams(max_new_tokens=48, temperature=0))
-    first = sum(o.text.strip().split(",")[0].replace(" ", "").split("=")[0] == "+".join(x.question.split("+")[:2])
-                for o, x in zip(outs, problems))
+    task = get_task(args.task)
+    firsts = [task.worked_solution(x) for x in problems]
+    firsts = [w.split(" = " if " = " in w else ", ")[0] for w in firsts]
+    first = sum(o.text.strip().startswith(f) for o, f in zip(outs, firsts))
     right = sum((re.findall(r"\d+", o.text) or ["x"])[-1] == x.answer for o, x in zip(outs, problems))
     print(f"{args.model}: first step copied {first} / {len(problems)}; answer right {right} / {len(problems)}")
     print(f"example: {problems[0].question} -> {outs[0].text!r}")

@@ -52,8 +52,13 @@ def export_hf(model, folder: Path):
 
 
 def start(threads: int) -> None:
-    """What every bench does first: set torch's threads, print the machine and the command, warn if shared."""
+    """What every bench does first: tune the CPU runtime as nanor1's CLI does (both sides of every comparison
+    run in this process, so both get it), set torch's threads, print the machine and the command, warn if
+    shared."""
     import torch
+
+    from nanor1.common import tune_cpu
+    tune_cpu()
     if threads:
         torch.set_num_threads(threads)
     print("machine:", machine())

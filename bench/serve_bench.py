@@ -25,11 +25,11 @@ def run_server(args) -> None:
     """The server process: a random speedrun model with a small tokenizer, or a checkpoint."""
     import torch
 
-    from nanor1.common import set_threads
+    from nanor1.common import tune_cpu
     from nanor1.engine import Engine
     from nanor1.serve.protocol import ServeLimits
     from nanor1.serve.server import BackgroundServer, create_app, load_engine
-    set_threads()
+    tune_cpu()
     torch.manual_seed(0)
     if args.model:
         engine, tok = load_engine(args.model, max_batch=args.clients)

@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from nanor1.common import tune_cpu
+    tune_cpu()
     try:
         rc = args._run(args)
     except NanoR1Error as e:

@@ -67,14 +67,34 @@ def build_token_stream(docs: Iterable[str], tokenizer, cache_dir: str | Path, na
     return np.memmap(path, dtype=dtype, mode="r")
 
 
-def stream_batch(data: np.ndarray, batch_size: int, seq_len: int, seed: int, step: int, micro: int = 0):
-    """Random windows of seq_len + 1 tokens; inputs and next-token targets, each (B, T)."""
+def window_starts(data: np.ndarray, bos_id: int | None, seq_len: int) -> np.ndarray:
+    """Where training windows may start: every document's <bos>, plus every seq_len tokens inside documents
+    longer than a window. Windows that start mid-document would show the model reasoning steps whose
+    question lies before the window, which teaches it to make up the numbers it should copy."""
+    last = len(data) - seq_len - 1
+    if bos_id is None:
+        return np.arange(0, last + 1, seq_len)
+    bos = np.flatnonzero(np.asarray(data) == bos_id)
+    ends = np.append(bos[1:], len(data))
+    extra = [np.arange(b + seq_len, e - seq_len // 2, seq_len) for b, e in zip(bos, ends) if e - b > 2 * seq_len]
+    starts = np.concatenate([bos, *extra]) if extra else bos
+    starts = np.sort(starts[starts <= last])
+    return starts if len(starts) else np.arange(0, last + 1, seq_len)
+
+
+def stream_batch(data: np.ndarray, batch_size: int, seq_len: int, seed: int, step: int, micro: int = 0,
+                 starts: np.ndarray | None = None):
+    """Windows of seq_len + 1 tokens from `starts` (see window_starts; any offset when None), drawn at random;
+    inputs and next-token targets, each (B, T)."""
     if len(data) <= seq_len + 1:
         raise NanoR1Error(f"the token stream has {len(data)} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
                           "use more data or a shorter seq_len")
     rng = np.random.default_rng([seed, step, micro])
-    starts = rng.integers(0, len(data) - seq_len - 1, size=batch_size)
-    windows = torch.from_numpy(np.stack([data[s:s + seq_len + 1].astype(np.int64) for s in starts]))
+    if starts is None:
+        picks = rng.integers(0, len(data) - seq_len - 1, size=batch_size)
+    else:
+        picks = starts[rng.integers(0, len(starts), size=batch_size)]
+    windows = torch.from_numpy(np.stack([data[s:s + seq_len + 1].astype(np.int64) for s in picks]))
     return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
 
 

@@ -16,7 +16,7 @@ import torch
 from nanor1.checkpoint import save_checkpoint, write_manifest
 from nanor1.common import NanoR1Error
 from nanor1.config import to_dict
-from nanor1.data import build_token_stream, read_text_documents, stream_batch
+from nanor1.data import build_token_stream, read_text_documents, stream_batch, window_starts
 from nanor1.model import ModelConfig, Transformer
 from nanor1.metrics import TrackingConfig
 from nanor1.train import start_run, LoopConfig, OptimConfig, train_loop
@@ -106,14 +106,18 @@ def pretrain(cfg: PretrainConfig) -> Path:
     if cfg.batch_size * (cfg.seq_len + 1) > len(train):
         raise NanoR1Error(f"batch_size x seq_len ({cfg.batch_size} x {cfg.seq_len}) is larger than the training "
                           f"data ({len(train)} tokens); lower them or add data")
+    train_starts = window_starts(train, tok.bos_id, cfg.seq_len)
     torch.manual_seed(cfg.seed)
     model = Transformer(mcfg).init_weights(cfg.seed)
+
+    val_len = min(cfg.seq_len, len(val) - 2)
+    val_starts = window_starts(val, tok.bos_id, val_len)
 
     @torch.no_grad()
     def val_loss() -> float:
         losses = []
         for i in range(4):
-            x, y = stream_batch(val, min(cfg.batch_size, 32), min(cfg.seq_len, len(val) - 2), cfg.seed + 1, i)
+            x, y = stream_batch(val, min(cfg.batch_size, 32), val_len, cfg.seed + 1, i, starts=val_starts)
             from nanor1.common import autocast
             with autocast(device, dtype):
                 losses.append(model(x.to(device), y.to(device)).lm_loss.item())
@@ -123,7 +127,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
                       eval_every=cfg.eval_every, ckpt_every=cfg.ckpt_every, seed=cfg.seed, tracking=cfg.tracking)
     ckpt_kwargs = dict(tokenizer=tok, kind=cfg.stage, run_config=to_dict(cfg), parent=tok_dir,
                        seeds={"seed": cfg.seed})
-    train_loop(model, lambda step, micro: stream_batch(train, cfg.batch_size, cfg.seq_len, cfg.seed, step, micro),
+    train_loop(model, lambda step, micro: stream_batch(train, cfg.batch_size, cfg.seq_len, cfg.seed, step, micro,
+                                                       starts=train_starts),
                loop, cfg.optim, out_dir, device=device, dtype=dtype, stage=cfg.stage, eval_loss=val_loss,
                resume=cfg.resume, ckpt_kwargs=ckpt_kwargs, show_progress=cfg.progress, compile=cfg.compile)
     return save_checkpoint(out_dir / "final", model.float().cpu(), **ckpt_kwargs)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from nanor1.checkpoint import MANIFEST, verify_manifest
-from nanor1.common import NanoR1Error, atomic_write_json, read_json, set_threads
+from nanor1.common import NanoR1Error, atomic_write_json, read_json, tune_cpu
 from nanor1.templates import Template
 
 
@@ -187,7 +187,7 @@ class Speedrun:
 
     # ------------------------------------------------------------------ run
     def run(self) -> Path:
-        set_threads()
+        tune_cpu()
         self.out.mkdir(parents=True, exist_ok=True)
         times_file = self.out / "stage_times.json"
         self.times = read_json(times_file) if times_file.is_file() else {}

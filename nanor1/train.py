@@ -52,10 +52,10 @@ class OptimConfig:
 def start_run(cfg) -> tuple[Path, torch.device, torch.dtype]:
     """What every training stage does first: check the config, use every core, create out_dir and record
     the resolved config there. Returns (out_dir, device, dtype)."""
-    from nanor1.common import resolve_device, resolve_dtype, set_threads
+    from nanor1.common import resolve_device, resolve_dtype, tune_cpu
     from nanor1.config import save_config
     cfg.validate()
-    set_threads()
+    tune_cpu()
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")

@@ -8,7 +8,7 @@ import torch
 
 from nanor1.common import NanoR1Error
 from nanor1.config import load_config
-from nanor1.data import SFTData, encode_chat_example, stream_batch
+from nanor1.data import SFTData, encode_chat_example, stream_batch, window_starts
 from nanor1.model import ModelConfig, Transformer
 from nanor1.train import LoopConfig, OptimConfig, Schedule, lr_at, train_loop
 
@@ -49,6 +49,21 @@ def test_accumulation_matches_one_big_batch(tmp_path):
     b = _run(tmp_path / "b", 2, grad_accum=2)
     for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.allclose(x, y, atol=2e-5), k
+
+
+def test_windows_start_at_documents_so_no_reasoning_loses_its_question():
+    bos = 1
+    docs = [[bos] + [5] * n for n in (3, 2, 40, 6, 9)]          # the third is longer than two windows
+    data = np.array([t for d in docs for t in d], dtype=np.uint16)
+    doc_starts = np.cumsum([0] + [len(d) for d in docs[:-1]])
+    starts = window_starts(data, bos, seq_len=8)
+    assert set(doc_starts[doc_starts <= len(data) - 9]) <= set(starts)   # every document that fits a window
+    inside = sorted(set(starts) - set(doc_starts))                         # plus windows through the long one
+    assert inside and all(doc_starts[2] < s < doc_starts[3] for s in inside)
+    x, y = stream_batch(data, 16, 8, seed=0, step=0, starts=starts)
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    for row in x.tolist():  # a window begins at a <bos>, or inside the long document (all 5s), never elsewhere
+        assert row[0] == bos or set(row) == {5}
 
 
 def test_schedules():

@@ -1,7 +1,7 @@
 """Built-in procedural tasks sized for tiny models: chain sums, addition, multiplication, countdown, sorting.
 
 Each has a typed config (difficulty knobs), an exact rule-based scorer and a worked-solution renderer
-(the step-by-step text the pretraining corpus teaches), e.g. chain_sum "3+5=8, 8+8=16, 16+2=18".
+(the step-by-step text the pretraining corpus teaches), e.g. chain_sum "8+8+2 = 16+2 = 18" for 3+5+8+2.
 """
 
 from __future__ import annotations
@@ -63,12 +63,16 @@ class ChainSum(_IntTask):
             yield make_problem(self.name, "+".join(map(str, xs)), str(sum(xs)), terms=xs)
 
     def worked_solution(self, problem: Problem) -> str:
+        """Add the first two terms and rewrite the rest: "13+6+2+6+5 = 19+2+6+5 = ... = 32". Each line is the
+        previous one with its head summed and its tail copied, so a small model never has to count its way
+        to the k-th term of the question (with "a+b=c, c+d=e" chains a ~2M model learned the arithmetic but
+        kept losing its place among the terms)."""
         xs = [int(x) for x in problem.question.split("+")]
-        steps, acc = [], xs[0]
-        for x in xs[1:]:
-            steps.append(f"{acc}+{x}={acc + x}")
-            acc += x
-        return ", ".join(steps)
+        lines = []
+        for i in range(1, len(xs)):
+            xs = [xs[0] + xs[1]] + xs[2:]
+            lines.append("+".join(map(str, xs)))
+        return " = ".join(lines)
 
     def fact(self, rng: random.Random) -> str:
         a = rng.randint(1, 9 * self.cfg.terms * 10 ** (self.cfg.digits - 1))
