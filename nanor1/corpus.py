@@ -17,22 +17,21 @@ from nanor1.templates import Template, render_prompt
 
 class DocKind(enum.Enum):
     DIRECT = "direct"                      # Q: 3+5+8+2+7+4\nA: 29
-    WORKED = "worked"                      # Q: ...\nA: 3+5=8, 8+8=16, ..., 29   (a few styles)
+    WORKED = "worked"                      # Q: ...\nA: 8+8+2+7+4 = 16+2+7+4 = ... = 29, 29   (a few styles)
     TAGGED_DIRECT = "tagged_direct"        # <R1-Zero prompt> <answer>29</answer>
-    TAGGED_REASONING = "tagged_reasoning"  # <R1-Zero prompt> <think> 3+5=8, ... </think> <answer>29</answer>
+    TAGGED_REASONING = "tagged_reasoning"  # <R1-Zero prompt> <think> 8+8+2+7+4 = ... </think> <answer>29</answer>
     FACTS = "facts"                        # 7+8=15\n16+2=18\n...
 
 
 @dataclass
 class CorpusMix:
-    """Shares of each document kind. Tagged reasoning must be there (with it rare at 5% in the feasibility run
-    and hard arithmetic, the base never sampled it and GRPO stayed at "format only"), but it must also be the
-    exception: the base then answers directly most of the time, and R1-Zero has a habit to change. Worked
-    solutions get the largest share because reasoning accuracy, not format, is what a small base lacks."""
-    direct: float = 0.20
-    worked: float = 0.35
-    tagged_direct: float = 0.15
-    tagged_reasoning: float = 0.05
+    """Shares of each document kind: the measured speedrun mix. With tagged reasoning rare (5%) the base model
+    never sampled it and GRPO rewards stayed flat at "format only". Moving shares from direct answers to worked
+    solutions and tagged direct answers (two runs, docs/speedrun.md) gave bases whose reasoning was worse."""
+    direct: float = 0.30
+    worked: float = 0.25
+    tagged_direct: float = 0.10
+    tagged_reasoning: float = 0.10
     facts: float = 0.25
 
     def validate(self) -> None:

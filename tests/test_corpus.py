@@ -33,8 +33,8 @@ def _question(doc: str) -> str | None:
 
 def test_default_mix_counts_are_exact():
     docs = pretrain_documents(TASK, 1000, seed=0)
-    assert Counter(map(_kind, docs)) == {"direct": 200, "worked": 350, "tagged_direct": 150,
-                                         "tagged_reasoning": 50, "facts": 250}
+    assert Counter(map(_kind, docs)) == {"direct": 300, "worked": 250, "tagged_direct": 100,
+                                         "tagged_reasoning": 100, "facts": 250}
     custom = pretrain_documents(TASK, 10, 0, CorpusMix(direct=1, worked=0, tagged_direct=1, tagged_reasoning=0,
                                                        facts=0))
     assert Counter(map(_kind, custom)) == {"direct": 5, "tagged_direct": 5}
