@@ -23,10 +23,10 @@ def main() -> None:
     args = p.parse_args()
     policy = load_policy(args.model)
     tok = policy.tokenizer
-    problems = get_task(args.task).problems("eval", args.problems, 0)
+    task = get_task(args.task)
+    problems = task.problems("eval", args.problems, 0)
     prompts = [encode_prompt(tok, render_prompt(x.question, Template.R1_ZERO) + " <think>") for x in problems]
     outs = policy.engine(len(prompts)).generate(prompts, SamplingParams(max_new_tokens=48, temperature=0))
-    task = get_task(args.task)
     firsts = [task.worked_solution(x) for x in problems]
     firsts = [w.split(" = " if " = " in w else ", ")[0] for w in firsts]
     first = sum(o.text.strip().startswith(f) for o, f in zip(outs, firsts))

@@ -69,7 +69,7 @@ class ChainSum(_IntTask):
         kept losing its place among the terms)."""
         xs = [int(x) for x in problem.question.split("+")]
         lines = []
-        for i in range(1, len(xs)):
+        while len(xs) > 1:
             xs = [xs[0] + xs[1]] + xs[2:]
             lines.append("+".join(map(str, xs)))
         return " = ".join(lines)
