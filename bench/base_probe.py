@@ -26,7 +26,7 @@ def main() -> None:
     task = get_task(args.task)
     problems = task.problems("eval", args.problems, 0)
     prompts = [encode_prompt(tok, render_prompt(x.question, Template.R1_ZERO) + " <think>") for x in problems]
-    outs = policy.engine(len(prompts)).generate(prompts, SamplingParams(max_new_tokens=48, temperature=0))
+    outs = policy.engine(len(prompts)).generate(prompts, SamplingParams(max_new_tokens=80, temperature=0))
     firsts = [task.worked_solution(x) for x in problems]
     firsts = [w.split(" = " if " = " in w else ", ")[0] for w in firsts]
     first = sum(o.text.strip().startswith(f) for o, f in zip(outs, firsts))

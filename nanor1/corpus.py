@@ -17,9 +17,9 @@ from nanor1.templates import Template, render_prompt
 
 class DocKind(enum.Enum):
     DIRECT = "direct"                      # Q: 3+5+8+2+7+4\nA: 29
-    WORKED = "worked"                      # Q: ...\nA: 8+8+2+7+4 = 16+2+7+4 = ... = 29, 29   (a few styles)
+    WORKED = "worked"                      # Q: ...\nA: 3+5=8, 8+8=16, ..., 25+4=29, 29   (a few styles)
     TAGGED_DIRECT = "tagged_direct"        # <R1-Zero prompt> <answer>29</answer>
-    TAGGED_REASONING = "tagged_reasoning"  # <R1-Zero prompt> <think> 8+8+2+7+4 = ... </think> <answer>29</answer>
+    TAGGED_REASONING = "tagged_reasoning"  # <R1-Zero prompt> <think> 3+5=8, ..., 25+4=29 </think> <answer>29</answer>
     FACTS = "facts"                        # 7+8=15\n16+2=18\n...
 
 

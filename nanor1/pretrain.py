@@ -16,6 +16,7 @@ import torch
 from nanor1.checkpoint import save_checkpoint, write_manifest
 from nanor1.common import NanoR1Error
 from nanor1.config import to_dict
+from nanor1.corpus import CorpusMix
 from nanor1.data import build_token_stream, read_text_documents, stream_batch, window_starts
 from nanor1.model import ModelConfig, Transformer
 from nanor1.metrics import TrackingConfig
@@ -31,6 +32,7 @@ class PretrainConfig:
     vocab_size: int = 512
     task: str = "chain_sum"  # corpus generated from this task; empty: only data_files
     n_docs: int = 40_000
+    mix: CorpusMix = field(default_factory=CorpusMix)  # shares of each document kind in the task corpus
     data_files: list[str] = field(default_factory=list)  # .txt (blank-line separated) or .jsonl {"text"}
     val_fraction: float = 0.02
     batch_size: int = 64
@@ -52,6 +54,7 @@ class PretrainConfig:
 
     def validate(self) -> None:
         self.optim.validate()
+        self.mix.validate()
         for name in ("batch_size", "seq_len", "steps", "grad_accum", "log_every", "eval_every", "ckpt_every"):
             if getattr(self, name) < 1:
                 raise NanoR1Error(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -67,7 +70,7 @@ def corpus_documents(cfg: PretrainConfig) -> list[str]:
     if cfg.task:
         from nanor1.corpus import pretrain_documents
         from nanor1.tasks import get_task
-        docs += pretrain_documents(get_task(cfg.task), cfg.n_docs, cfg.seed)
+        docs += pretrain_documents(get_task(cfg.task), cfg.n_docs, cfg.seed, cfg.mix)
     for f in cfg.data_files:
         docs += list(read_text_documents(f))
     random.Random(cfg.seed).shuffle(docs)

@@ -29,13 +29,13 @@ class SpeedrunConfig:
     pretrain_steps: int = 450
     pretrain_docs: int = 40_000
     pretrain_lr: float = 5e-3
-    rl_steps: int = 50  # R1-Zero and the R1 RL stage take the same number of steps
+    rl_steps: int = 40  # R1-Zero and the R1 RL stage take the same number of steps
     rl_prompts: int = 16
     rl_group: int = 8
     rl_lr: float = 1e-4  # 5e-5 (the feasibility run's) gave 25.6% strict after 50 steps here, 1e-4 30.2%
     max_new_tokens: int = 64
-    cold_start_examples: int = 1000
-    cold_start_steps: int = 40
+    cold_start_examples: int = 2000  # the base never saw the chat template: 40 or 80 steps left R1's rollouts at
+    cold_start_steps: int = 120      # 6% and 41% accuracy, 120 steps at 93% (docs/speedrun.md)
     rs_problems: int = 300
     rs_k: int = 4
     rs_sft_steps: int = 40

@@ -69,16 +69,17 @@ def findings(out: Path, task: str) -> list[dict]:
                 rows.append({"finding": f"majority voting helps ({name}: cons@{k} vs pass@1, lenient)",
                              "measured": f"{_pct(cons)} vs {_pct(p1)}", "target": "cons@k >= pass@1",
                              "holds": cons["value"] >= p1["value"]})
-    # 4. the cold start makes RL cleaner: same number of RL steps, R1 vs R1-Zero (training rollouts)
+    # 4. the cold start makes RL faster and cleaner (R1 section 2.3.1): over the same number of RL steps, R1's
+    # rollouts are at least as well formatted and as accurate as R1-Zero's. "Faster" is the whole curve: the mean
+    # over every step, so a run that starts in format and stays there beats one that gets there late.
     crows = [r for r in read_jsonl(out / "r1-rl" / "metrics.jsonl") if "accuracy" in r]
     if zrows and crows:
         n = min(len(zrows), len(crows))
-        k = max(1, n // 5)
-        za, zf = _mean(zrows[n - k:n], "accuracy"), _mean(zrows[n - k:n], "format")
-        ca, cf = _mean(crows[n - k:n], "accuracy"), _mean(crows[n - k:n], "format")
-        rows.append({"finding": f"the cold start makes RL faster and cleaner (after {n} RL steps)",
+        za, zf = _mean(zrows[:n], "accuracy"), _mean(zrows[:n], "format")
+        ca, cf = _mean(crows[:n], "accuracy"), _mean(crows[:n], "format")
+        rows.append({"finding": f"the cold start makes RL faster and cleaner (mean over {n} RL steps)",
                      "measured": f"format {100 * cf:.0f}% vs {100 * zf:.0f}%, accuracy {100 * ca:.0f}% vs "
-                                 f"{100 * za:.0f}% (R1 vs R1-Zero, last {k} steps' rollouts)",
+                                 f"{100 * za:.0f}% (R1 vs R1-Zero training rollouts)",
                      "target": "R1 >= R1-Zero on both", "holds": ca >= za and cf >= zf})
     # 5. distillation beats RL on the small student (R1 section 4.1)
     if s_dist and s_rl:

@@ -27,7 +27,7 @@ def test_chain_sum_default_is_the_speedrun_task():
 
 def test_chain_sum_worked_solution():
     p = make_problem("chain_sum", "3+5+8+2+7+4", "29")
-    assert get_task("chain_sum").worked_solution(p) == "8+8+2+7+4 = 16+2+7+4 = 18+7+4 = 25+4 = 29"
+    assert get_task("chain_sum").worked_solution(p) == "3+5=8, 8+8=16, 16+2=18, 18+7=25, 25+4=29"
 
 
 def _check_steps(text):
@@ -54,15 +54,13 @@ def test_builtin_reference_answers_and_worked_solutions(name):
             assert all(min(map(int, xs.split())) == int(m) for xs, m in steps)
             assert [m for _, m in steps] + [worked.split()[-2]] == p.answer.split()
             continue
-        if name == "chain_sum":  # each line adds the head of the one before and copies its tail
-            lines = [p.question] + worked.split(" = ")
-            for before, after in zip(lines, lines[1:]):
-                a, b, *rest = before.split("+")
-                assert after.split("+") == [str(int(a) + int(b)), *rest]
-            assert lines[-1] == p.answer
-            continue
+        if name == "chain_sum":  # a running total: each step adds the question's next term to the last total
+            steps = [re.fullmatch(r"(\d+)\+(\d+)=(\d+)", s).groups() for s in worked.split(", ")]
+            terms = p.question.split("+")
+            assert [s[1] for s in steps] == terms[1:] and steps[0][0] == terms[0]
+            assert all(prev[2] == cur[0] for prev, cur in zip(steps, steps[1:]))
         last = _check_steps(worked)
-        if name in ("multiplication", "countdown"):
+        if name in ("multiplication", "countdown", "chain_sum"):
             assert str(last) == (p.answer if name != "countdown" else str(p.meta["target"]))
 
 

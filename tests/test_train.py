@@ -96,6 +96,7 @@ def test_sft_labels_cover_only_the_assistant_turn():
     ("model=huge", "unknown model preset"),
     ("batch_size=0", "batch_size must be >= 1"),
     ("data_files=[/no/such.txt]", "data file not found"),
+    ("mix.facts=-0.5", "shares must be >= 0"),
 ])
 def test_bad_pretrain_config_is_one_clear_error(tmp_path, override, message):
     from nanor1.pretrain import PretrainConfig, pretrain

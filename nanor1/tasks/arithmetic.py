@@ -1,7 +1,7 @@
 """Built-in procedural tasks sized for tiny models: chain sums, addition, multiplication, countdown, sorting.
 
 Each has a typed config (difficulty knobs), an exact rule-based scorer and a worked-solution renderer
-(the step-by-step text the pretraining corpus teaches), e.g. chain_sum "8+8+2 = 16+2 = 18" for 3+5+8+2.
+(the step-by-step text the pretraining corpus teaches), e.g. chain_sum "3+5=8, 8+8=16, 16+2=18" for 3+5+8+2.
 """
 
 from __future__ import annotations
@@ -63,16 +63,17 @@ class ChainSum(_IntTask):
             yield make_problem(self.name, "+".join(map(str, xs)), str(sum(xs)), terms=xs)
 
     def worked_solution(self, problem: Problem) -> str:
-        """Add the first two terms and rewrite the rest: "13+6+2+6+5 = 19+2+6+5 = ... = 32". Each line is the
-        previous one with its head summed and its tail copied, so a small model never has to count its way
-        to the k-th term of the question (with "a+b=c, c+d=e" chains a ~2M model learned the arithmetic but
-        kept losing its place among the terms)."""
+        """A running total, "3+5=8, 8+8=16, 16+2=18, 18+7=25, 25+4=29": every step is one addition fact right
+        before its result, plus a lookup of the question's next term. With pretraining windows that start at
+        documents, a 450-step speedrun base completes 98/100 held-out chains in this form (greedy after
+        "<think>", bench/base_probe.py), against 45/100 for chains that rewrite the sum ("8+8+2+7+4 = 16+2+7+4
+        = ..."), where the operands of each addition sit a line back and the base was often off by one."""
         xs = [int(x) for x in problem.question.split("+")]
-        lines = []
-        while len(xs) > 1:
-            xs = [xs[0] + xs[1]] + xs[2:]
-            lines.append("+".join(map(str, xs)))
-        return " = ".join(lines)
+        total, steps = xs[0], []
+        for x in xs[1:]:
+            steps.append(f"{total}+{x}={total + x}")
+            total += x
+        return ", ".join(steps)
 
     def fact(self, rng: random.Random) -> str:
         a = rng.randint(1, 9 * self.cfg.terms * 10 ** (self.cfg.digits - 1))
