@@ -27,8 +27,7 @@ def main() -> None:
     problems = task.problems("eval", args.problems, 0)
     prompts = [encode_prompt(tok, render_prompt(x.question, Template.R1_ZERO) + " <think>") for x in problems]
     outs = policy.engine(len(prompts)).generate(prompts, SamplingParams(max_new_tokens=80, temperature=0))
-    firsts = [task.worked_solution(x) for x in problems]
-    firsts = [w.split(" = " if " = " in w else ", ")[0] for w in firsts]
+    firsts = [task.worked_solution(x).split(", ")[0] for x in problems]
     first = sum(o.text.strip().startswith(f) for o, f in zip(outs, firsts))
     right = sum((re.findall(r"\d+", o.text) or ["x"])[-1] == x.answer for o, x in zip(outs, problems))
     print(f"{args.model}: first step copied {first} / {len(problems)}; answer right {right} / {len(problems)}")

@@ -26,8 +26,8 @@ class DocKind(enum.Enum):
 @dataclass
 class CorpusMix:
     """Shares of each document kind: the measured speedrun mix. With tagged reasoning rare (5%) the base model
-    never sampled it and GRPO rewards stayed flat at "format only". Moving shares from direct answers to worked
-    solutions and tagged direct answers (two runs, docs/speedrun.md) gave bases whose reasoning was worse."""
+    never sampled it and GRPO rewards stayed flat at "format only". Every other mix tried (docs/speedrun.md)
+    gave a base that did not learn to look up the question's next term within the speedrun's 450 steps."""
     direct: float = 0.30
     worked: float = 0.25
     tagged_direct: float = 0.10

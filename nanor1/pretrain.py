@@ -16,7 +16,7 @@ import torch
 from nanor1.checkpoint import save_checkpoint, write_manifest
 from nanor1.common import NanoR1Error
 from nanor1.config import to_dict
-from nanor1.corpus import CorpusMix
+from nanor1.corpus import CorpusMix, pretrain_documents
 from nanor1.data import build_token_stream, read_text_documents, stream_batch, window_starts
 from nanor1.model import ModelConfig, Transformer
 from nanor1.metrics import TrackingConfig
@@ -68,7 +68,6 @@ class PretrainConfig:
 def corpus_documents(cfg: PretrainConfig) -> list[str]:
     docs: list[str] = []
     if cfg.task:
-        from nanor1.corpus import pretrain_documents
         from nanor1.tasks import get_task
         docs += pretrain_documents(get_task(cfg.task), cfg.n_docs, cfg.seed, cfg.mix)
     for f in cfg.data_files:
