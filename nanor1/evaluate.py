@@ -190,6 +190,11 @@ def summarize(records: list[dict], k: int, z: float) -> dict:
     out["truncated_rate"] = sum(sum(r["truncated"]) for r in records) / (m * k)
     out["response_len"] = sum(sum(r["n_tokens"]) for r in records) / (m * k)
     out["reasoning_len"] = sum(sum(r["reasoning_tokens"]) for r in records) / (m * k)
+    # lenient accuracy of the samples that reason and of those that answer directly: RL can only reinforce
+    # reasoning that is already right some of the time (R1 section 2.2.4)
+    for name, reasons in (("reasoned", True), ("direct", False)):
+        hits = [ok for r in records for ok, t in zip(r["lenient"], r["reasoning_tokens"]) if (t > 0) == reasons]
+        out[name] = {"samples": len(hits), "lenient_accuracy": sum(hits) / len(hits) if hits else None}
     return out
 
 
@@ -281,6 +286,13 @@ def _fmt(e: dict | None) -> str:
     return "–" if e is None else f"{e['value']:.3f} [{e['lo']:.3f}, {e['hi']:.3f}]"
 
 
+def _split(part: dict | None) -> str:
+    """Lenient accuracy of one side of the reasoning split, with its sample count (older results lack it)."""
+    if not part or not part["samples"]:
+        return "–"
+    return f"{part['lenient_accuracy']:.3f} of {part['samples']}"
+
+
 def format_results_markdown(results: dict) -> str:
     """Markdown tables: accuracy per task and mode, format and lengths, then per difficulty."""
     k, s = results["k"], results["sampling"]
@@ -300,11 +312,12 @@ def format_results_markdown(results: dict) -> str:
             lines.append(f"| {name} | {mode} | {m['n_problems']} | "
                          + " | ".join(_fmt(m[mode].get(x)) for x in metrics) + " |")
     lines += ["", "### Format and length", "",
-              "| task | format rate | truncated | response tokens | reasoning tokens |", "|---|---:|---:|---:|---:|"]
+              "| task | format rate | truncated | response tokens | reasoning tokens | right when reasoning "
+              "| right otherwise |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, t in rows:
         m = t["metrics"]
         lines.append(f"| {name} | {_fmt(m['format_rate'])} | {m['truncated_rate']:.3f} | {m['response_len']:.1f} | "
-                     f"{m['reasoning_len']:.1f} |")
+                     f"{m['reasoning_len']:.1f} | {_split(m.get('reasoned'))} | {_split(m.get('direct'))} |")
     diff_rows = [(name, d, m) for name, t in results["tasks"].items() for d, m in t.get("by_difficulty", {}).items()]
     if diff_rows:
         lines += ["", "### Per difficulty (lenient unless marked)", "",

@@ -62,7 +62,7 @@ class Stage:
     name: str
     title: str
     run: Callable[[], Path]
-    weight: float  # expected share of the run's time, for the overall ETA
+    weight: float  # expected seconds on the development machine: only the ratios matter, for the overall ETA
 
 
 def _done(folder: Path) -> bool:
@@ -145,32 +145,44 @@ class Speedrun:
 
     # ------------------------------------------------------------------ the plan
     def stages(self) -> list[Stage]:
+        """The 14 stages in order. Each weight is the stage's expected seconds on the development machine,
+        scaled by its size (runs/sr7 with the defaults: pretraining 0.95 s/step, R1-Zero 2.5 s/step, one
+        evaluation of 200 x 4 samples 15 s, ...), so the overall ETA stays right when sizes are overridden."""
         c, f = self.cfg, self.final
         Z, C = Template.R1_ZERO, Template.CHAT
+        eval_w = 15.0 * c.eval_problems * c.eval_k / 800
         return [
-            Stage("base", "pretrain the base model", lambda: self.pretrain("base", c.pretrain_steps), 20),
-            Stage("eval-base", "evaluate the base", lambda: self.evaluate("base", f("base"), Z), 3),
-            Stage("r1zero", "R1-Zero: GRPO from the base", lambda: self.grpo("r1zero", f("base"), Z, c.rl_steps), 25),
-            Stage("eval-r1zero", "evaluate R1-Zero", lambda: self.evaluate("r1zero", f("r1zero"), Z), 3),
+            Stage("base", "pretrain the base model", lambda: self.pretrain("base", c.pretrain_steps),
+                  0.95 * c.pretrain_steps),
+            Stage("eval-base", "evaluate the base", lambda: self.evaluate("base", f("base"), Z), eval_w),
+            Stage("r1zero", "R1-Zero: GRPO from the base", lambda: self.grpo("r1zero", f("base"), Z, c.rl_steps),
+                  2.5 * c.rl_steps),
+            Stage("eval-r1zero", "evaluate R1-Zero", lambda: self.evaluate("r1zero", f("r1zero"), Z), eval_w),
             Stage("r1-cold", "R1: cold-start SFT", lambda: self.sft("r1-cold", f("base"), c.cold_start_steps,
-                                                                   n_examples=c.cold_start_examples), 4),
-            Stage("r1-rl", "R1: GRPO after the cold start", lambda: self.grpo("r1-rl", f("r1-cold"), C, c.rl_steps), 20),
-            Stage("r1-rs", "R1: rejection sampling", lambda: self.rejection("r1-rs", f("r1-rl"), c.rs_problems), 3),
+                                                                   n_examples=c.cold_start_examples),
+                  0.3 * c.cold_start_steps),
+            Stage("r1-rl", "R1: GRPO after the cold start", lambda: self.grpo("r1-rl", f("r1-cold"), C, c.rl_steps),
+                  1.8 * c.rl_steps),
+            Stage("r1-rs", "R1: rejection sampling", lambda: self.rejection("r1-rs", f("r1-rl"), c.rs_problems),
+                  8.0 * c.rs_problems * c.rs_k / 1200),
             Stage("r1", "R1: SFT on the rejection-sampled data",
-                  lambda: self.sft("r1", f("r1-rl"), c.rs_sft_steps, data=str(self.out / "r1-rs" / "data.jsonl")), 4),
-            Stage("eval-r1", "evaluate R1", lambda: self.evaluate("r1", f("r1"), C), 3),
+                  lambda: self.sft("r1", f("r1-rl"), c.rs_sft_steps, data=str(self.out / "r1-rs" / "data.jsonl")),
+                  0.28 * c.rs_sft_steps),
+            Stage("eval-r1", "evaluate R1", lambda: self.evaluate("r1", f("r1"), C), eval_w),
             Stage("student-base", "pretrain the smaller student",
                   lambda: self.pretrain("student-base", c.student_pretrain_steps, dim=c.student_dim,
-                                        n_layers=c.student_layers), 8),
+                                        n_layers=c.student_layers), 0.46 * c.student_pretrain_steps),
             Stage("distill-traces", "R1 traces for distillation",
-                  lambda: self.rejection("distill-traces", f("r1"), c.distill_problems), 3),
+                  lambda: self.rejection("distill-traces", f("r1"), c.distill_problems),
+                  18.0 * c.distill_problems / 600),
             Stage("student-distill", "distil R1 into the student",
                   lambda: self.sft("student-distill", f("student-base"), c.distill_steps,
-                                   data=str(self.out / "distill-traces" / "data.jsonl")), 3),
+                                   data=str(self.out / "distill-traces" / "data.jsonl")), 0.15 * c.distill_steps),
             Stage("student-rl", "the student by RL alone, same compute",
                   lambda: self.grpo("student-rl", f("student-base"), Z, 10 ** 6,
-                                    budget_s=max(5.0, self.times.get("student-distill", 30.0))), 3),
-            Stage("eval-students", "evaluate both students", self._eval_students, 3),
+                                    budget_s=max(5.0, self.times.get("student-distill", 30.0))),
+                  0.15 * c.distill_steps),
+            Stage("eval-students", "evaluate both students", self._eval_students, 1.2 * eval_w),
         ]
 
     def _eval_students(self) -> Path:
@@ -193,19 +205,19 @@ class Speedrun:
         times_file = self.out / "stage_times.json"
         self.times = read_json(times_file) if times_file.is_file() else {}
         stages = self.stages()
-        total_w = sum(s.weight for s in stages)
-        t0 = time.perf_counter()
+        t0, ran_w = time.perf_counter(), 0.0  # ran_w: the weight of the stages run by this process
         for i, st in enumerate(stages, 1):
             if _done(self._stage_output(st)) and st.name in self.times:
                 print(f"[{i}/{len(stages)}] {st.title}: done already, skipped", flush=True)
                 continue
-            done_w = sum(s.weight for s in stages[: i - 1])
-            elapsed = time.perf_counter() - t0
-            eta = f", overall ETA {elapsed / done_w * (total_w - done_w) / 60:.1f} min" if done_w and elapsed > 1 else ""
+            elapsed, left_w = time.perf_counter() - t0, sum(s.weight for s in stages[i - 1:])
+            # this machine's speed relative to the weights, measured on the stages it has run so far
+            eta = f", overall ETA {elapsed / ran_w * left_w / 60:.1f} min" if ran_w and elapsed > 1 else ""
             print(f"[{i}/{len(stages)}] {st.title}{eta}", flush=True)
             ts = time.perf_counter()
             st.run()
             self.times[st.name] = round(time.perf_counter() - ts, 1)
+            ran_w += st.weight
             atomic_write_json(times_file, self.times)
         from nanor1.speedrun_report import write_speedrun_report
         report = write_speedrun_report(self.out, self.cfg, self.times)

@@ -100,6 +100,23 @@ def findings(out: Path, task: str) -> list[dict]:
     return rows
 
 
+def base_reasoning_markdown(out: Path, task: str) -> str:
+    """What R1-Zero had to work with: how often the base reasons, and how often that reasoning is right.
+    RL reinforces what the base already samples; a base whose chains are rarely right gives it nothing."""
+    base = _eval(out, "base")
+    m = base["tasks"][task]["metrics"] if base else {}
+    if not m.get("reasoned") or not m.get("direct"):
+        return ""
+    r, d = m["reasoned"], m["direct"]
+    n = r["samples"] + d["samples"]
+
+    def acc(part):
+        return "n/a" if part["lenient_accuracy"] is None else f"{100 * part['lenient_accuracy']:.1f}%"
+    return (f"The base reasons before answering in {100 * r['samples'] / n:.0f}% of its {n} evaluation samples; "
+            f"those are right {acc(r)} of the time, its direct answers {acc(d)} (lenient). R1-Zero can only "
+            f"reinforce reasoning that the base already gets right now and then.\n")
+
+
 def verification_markdown(out: Path) -> str:
     """Every manifest re-hashed, every parent link checked, and the distilled student's lineage."""
     from nanor1.checkpoint import lineage, verify_run
@@ -136,6 +153,7 @@ def write_speedrun_report(out: Path, cfg, times: dict[str, float]) -> Path:
     peak = peak_memory_gib()
     atomic_write_json(out / "findings.json", {"findings": rows, "stage_seconds": times, "peak_memory_gib": peak,
                                              "config": to_dict(cfg)})
-    return write_report(out, extra_sections=[("Findings: the R1 story in miniature", findings_markdown(rows)),
+    story = findings_markdown(rows) + "\n" + base_reasoning_markdown(out, cfg.task)
+    return write_report(out, extra_sections=[("Findings: the R1 story in miniature", story),
                                              ("Stage times", times_markdown(times, peak)),
                                              ("Run verification", verification_markdown(out))])

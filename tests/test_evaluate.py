@@ -30,6 +30,15 @@ RECORDS = [
 ]
 
 
+def test_summarize_splits_lenient_accuracy_by_reasoning():
+    recs = [dict(RECORDS[0], reasoning_tokens=[5, 0, 0, 7]), dict(RECORDS[1], reasoning_tokens=[0, 0, 3, 0])]
+    m = summarize(recs, k=4, z=1.96)
+    # reasoning samples: A0 right, A3 right, B2 right; direct: A1 right, A2 wrong, B0, B1, B3 wrong
+    assert m["reasoned"] == {"samples": 3, "lenient_accuracy": 1.0}
+    assert m["direct"] == {"samples": 5, "lenient_accuracy": pytest.approx(0.2)}
+    assert summarize(RECORDS, k=4, z=1.96)["direct"] == {"samples": 0, "lenient_accuracy": None}
+
+
 def test_summarize_hand_values():
     m = summarize(RECORDS, k=4, z=1.96)
     assert m["n_problems"] == 2 and m["n_samples"] == 8

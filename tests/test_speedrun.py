@@ -39,7 +39,13 @@ def test_report_and_findings(quick_run):
     for claim in ("RL alone lifts", "response length", "majority voting", "cold start", "distilling"):
         assert claim in names
     assert findings["peak_memory_gib"] < 4.0
-    assert "report:" in r.stdout
+    assert "report:" in r.stdout and "overall ETA" in r.stdout
+    # what R1-Zero had to work with: the base's reasoning split, with the evaluation's own numbers
+    m = json.loads((out / "eval" / "base" / "results.json").read_text())["tasks"]["chain_sum"]["metrics"]
+    n = m["reasoned"]["samples"] + m["direct"]["samples"]
+    assert n == m["n_samples"]
+    md = (out / "report" / "report.md").read_text()
+    assert f"The base reasons before answering in {100 * m['reasoned']['samples'] / n:.0f}% of its {n}" in md
 
 
 def test_run_verifies_with_lineage_from_tokenizer_to_student(quick_run):
@@ -60,3 +66,24 @@ def test_rerun_skips_finished_stages(quick_run):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("done already, skipped") == 14
+
+
+# seconds per stage of the default speedrun on the development machine (runs/sr7, docs/speedrun.md)
+SR7_SECONDS = {"base": 425.4, "eval-base": 12.7, "r1zero": 99.6, "eval-r1zero": 17.2, "r1-cold": 36.0,
+               "r1-rl": 71.0, "r1-rs": 8.3, "r1": 11.3, "eval-r1": 14.3, "student-base": 69.6,
+               "distill-traces": 18.1, "student-distill": 8.7, "student-rl": 9.3, "eval-students": 18.5}
+
+
+def test_stage_weights_give_an_eta_that_follows_the_measured_times():
+    from nanor1.speedrun import Speedrun, SpeedrunConfig
+    weights = {s.name: s.weight for s in Speedrun(SpeedrunConfig()).stages()}
+    assert weights.keys() == SR7_SECONDS.keys()
+    share = {k: w / sum(weights.values()) for k, w in weights.items()}
+    measured = {k: t / sum(SR7_SECONDS.values()) for k, t in SR7_SECONDS.items()}
+    for name in weights:  # every stage's share of the run within 2 points of the measured share
+        assert abs(share[name] - measured[name]) < 0.02, (name, share[name], measured[name])
+    # and the weights follow the sizes, so an overridden run keeps a sensible ETA
+    longer = {s.name: s.weight for s in Speedrun(SpeedrunConfig(pretrain_steps=900, rl_steps=80)).stages()}
+    assert longer["base"] == pytest.approx(2 * weights["base"])
+    assert longer["r1zero"] == pytest.approx(2 * weights["r1zero"])
+    assert longer["eval-base"] == weights["eval-base"]
