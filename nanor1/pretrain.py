@@ -33,6 +33,12 @@ class PretrainConfig:
     task: str = "chain_sum"  # corpus generated from this task; empty: only data_files
     n_docs: int = 40_000
     mix: CorpusMix = field(default_factory=CorpusMix)  # shares of each document kind in the task corpus
+    # Annealing (Llama 3 section 3.1.3): the last anneal_steps steps draw from a second task corpus of
+    # anneal_docs documents in anneal_mix, richer in worked solutions, as the learning rate decays.
+    anneal_steps: int = 0
+    anneal_docs: int = 10_000
+    anneal_mix: CorpusMix = field(default_factory=lambda: CorpusMix(direct=0.10, worked=0.55, tagged_direct=0.10,
+                                                                   tagged_reasoning=0.10, facts=0.15))
     data_files: list[str] = field(default_factory=list)  # .txt (blank-line separated) or .jsonl {"text"}
     val_fraction: float = 0.02
     batch_size: int = 64
@@ -60,6 +66,12 @@ class PretrainConfig:
                 raise NanoR1Error(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.task and not self.data_files:
             raise NanoR1Error("nothing to train on: set task=... or data_files=[...]")
+        if self.anneal_steps:
+            self.anneal_mix.validate()
+            if not 0 < self.anneal_steps < self.steps:
+                raise NanoR1Error(f"anneal_steps={self.anneal_steps} must be between 0 and steps={self.steps}")
+            if not self.task or self.anneal_docs < 10:
+                raise NanoR1Error("annealing draws from a task corpus: set task=... and anneal_docs >= 10")
         if not 0 < self.val_fraction < 0.5:
             raise NanoR1Error(f"val_fraction must be in (0, 0.5), got {self.val_fraction}")
         ModelConfig.preset(self.model, **self.model_overrides)
@@ -109,6 +121,16 @@ def pretrain(cfg: PretrainConfig) -> Path:
         raise NanoR1Error(f"batch_size x seq_len ({cfg.batch_size} x {cfg.seq_len}) is larger than the training "
                           f"data ({len(train)} tokens); lower them or add data")
     train_starts = window_starts(train, tok.bos_id, cfg.seq_len)
+    anneal, anneal_starts, anneal_from = train, train_starts, cfg.steps - cfg.anneal_steps
+    if cfg.anneal_steps:
+        from nanor1.tasks import get_task
+        anneal = build_token_stream(pretrain_documents(get_task(cfg.task), cfg.anneal_docs, cfg.seed + 1,
+                                                       cfg.anneal_mix), tok, out_dir / "data", "anneal")
+        anneal_starts = window_starts(anneal, tok.bos_id, cfg.seq_len)
+
+    def batch(step: int, micro: int):
+        data, starts = (anneal, anneal_starts) if step >= anneal_from else (train, train_starts)
+        return stream_batch(data, cfg.batch_size, cfg.seq_len, cfg.seed, step, micro, starts=starts)
     torch.manual_seed(cfg.seed)
     model = Transformer(mcfg).init_weights(cfg.seed)
 
@@ -129,8 +151,6 @@ def pretrain(cfg: PretrainConfig) -> Path:
                       eval_every=cfg.eval_every, ckpt_every=cfg.ckpt_every, seed=cfg.seed, tracking=cfg.tracking)
     ckpt_kwargs = dict(tokenizer=tok, kind=cfg.stage, run_config=to_dict(cfg), parent=tok_dir,
                        seeds={"seed": cfg.seed})
-    train_loop(model, lambda step, micro: stream_batch(train, cfg.batch_size, cfg.seq_len, cfg.seed, step, micro,
-                                                       starts=train_starts),
-               loop, cfg.optim, out_dir, device=device, dtype=dtype, stage=cfg.stage, eval_loss=val_loss,
+    train_loop(model, batch, loop, cfg.optim, out_dir, device=device, dtype=dtype, stage=cfg.stage, eval_loss=val_loss,
                resume=cfg.resume, ckpt_kwargs=ckpt_kwargs, show_progress=cfg.progress, compile=cfg.compile)
     return save_checkpoint(out_dir / "final", model.float().cpu(), **ckpt_kwargs)

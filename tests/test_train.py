@@ -97,6 +97,7 @@ def test_sft_labels_cover_only_the_assistant_turn():
     ("batch_size=0", "batch_size must be >= 1"),
     ("data_files=[/no/such.txt]", "data file not found"),
     ("mix.facts=-0.5", "shares must be >= 0"),
+    ("anneal_steps=500", "anneal_steps=500 must be between 0 and steps=500"),
 ])
 def test_bad_pretrain_config_is_one_clear_error(tmp_path, override, message):
     from nanor1.pretrain import PretrainConfig, pretrain
@@ -129,3 +130,34 @@ def test_pretrain_end_to_end_then_sft(tmp_path):
     out = sft(SFTConfig(model=str(base), out_dir=str(tmp_path / "sft"), n_examples=20, steps=2, batch_size=4,
                         max_len=60, progress=False, dtype="float32"))
     assert verify_manifest(out)["kind"] == "sft"
+
+
+def test_annealing_draws_the_last_steps_from_the_anneal_corpus(tmp_path, monkeypatch):
+    import nanor1.pretrain as pt
+    seen = []  # (seed, step, which stream) for every batch drawn
+
+    def recording(data, *args, **kwargs):
+        seen.append((args[2], args[3], "anneal" if len(data) == anneal_len[0] else "main"))
+        return stream_batch(data, *args, **kwargs)
+    anneal_len = [None]
+    real_build = pt.build_token_stream
+
+    def build(docs, tok, cache, name):
+        stream = real_build(docs, tok, cache, name)
+        if name == "anneal":
+            anneal_len[0] = len(stream)
+            # the anneal corpus follows anneal_mix: here facts only, lines of "a+b=c"
+            text = tok.decode([int(t) for t in stream[:400]])
+            assert "Q:" not in text and "=" in text
+        return stream
+    monkeypatch.setattr(pt, "stream_batch", recording)
+    monkeypatch.setattr(pt, "build_token_stream", build)
+    cfg = load_config(pt.PretrainConfig, overrides=[
+        f"out_dir={tmp_path}", "model=tiny", "n_docs=400", "vocab_size=300", "seq_len=48", "batch_size=4",
+        "steps=5", "anneal_steps=2", "anneal_docs=300", "anneal_mix.direct=0", "anneal_mix.worked=0",
+        "anneal_mix.tagged_direct=0", "anneal_mix.tagged_reasoning=0", "anneal_mix.facts=1", "progress=false",
+        "dtype=float32", "eval_every=100"])
+    pt.pretrain(cfg)
+    assert anneal_len[0] is not None
+    train_steps = {step: src for seed, step, src in seen if seed == 0}  # the validation batches use seed + 1
+    assert [train_steps[s] for s in range(5)] == ["main", "main", "main", "anneal", "anneal"]
