@@ -1,7 +1,10 @@
 """Can a base model reason on chain_sum yet? Greedy completions after the R1-Zero prompt + " <think>".
 
 Counts, over held-out problems, the chains whose first step is the worked solution's first step and the chains
-whose last number is the answer. This is the probe docs/speedrun.md uses to calibrate the base. Run:
+whose last number is the answer. This is the probe docs/speedrun.md uses to calibrate the base. For chain_sum it
+also scores each later step's term look-up, split by whether the term added the step before occurs twice in
+the question: a model that finds the next term by matching the previous one (an induction head) fails on the
+repeated ones; a model that counts positions does not care. Run:
     python bench/base_probe.py runs/speedrun/base/final [--problems 100]
 """
 
@@ -13,6 +16,21 @@ from nanor1.policy import load_policy
 from nanor1.tasks import get_task
 from nanor1.templates import Template, render_prompt
 from nanor1.tokenizer import encode_prompt
+
+
+def lookup_by_ambiguity(outs, problems) -> str:
+    """Steps 2.. of each chain "t+x=..": is x the question's next term? Split by whether the previous term
+    is repeated in the question."""
+    hits = {True: [0, 0], False: [0, 0]}
+    for o, x in zip(outs, problems):
+        xs = [int(t) for t in x.question.split("+")]
+        steps = re.findall(r"(\d+)\+(\d+)=", o.text)
+        for k in range(1, min(len(steps), len(xs) - 1)):
+            repeated = xs.count(xs[k]) > 1
+            hits[repeated][0] += int(steps[k][1]) == xs[k + 1]
+            hits[repeated][1] += 1
+    return ", ".join(f"previous term {'repeated' if r else 'unique'} {a}/{n} ({a / max(n, 1):.0%})"
+                     for r, (a, n) in hits.items())
 
 
 def main() -> None:
@@ -31,6 +49,8 @@ def main() -> None:
     first = sum(o.text.strip().startswith(f) for o, f in zip(outs, firsts))
     right = sum((re.findall(r"\d+", o.text) or ["x"])[-1] == x.answer for o, x in zip(outs, problems))
     print(f"{args.model}: first step copied {first} / {len(problems)}; answer right {right} / {len(problems)}")
+    if args.task == "chain_sum":
+        print("term look-up per step: " + lookup_by_ambiguity(outs, problems))
     print(f"example: {problems[0].question} -> {outs[0].text!r}")
 
 
