@@ -20,6 +20,7 @@ from nanor1.corpus import CorpusMix, pretrain_documents
 from nanor1.data import build_token_stream, read_text_documents, stream_batch, window_starts
 from nanor1.model import ModelConfig, Transformer
 from nanor1.metrics import TrackingConfig
+from nanor1.tasks import get_task
 from nanor1.train import start_run, LoopConfig, OptimConfig, train_loop
 
 
@@ -80,7 +81,6 @@ class PretrainConfig:
 def corpus_documents(cfg: PretrainConfig) -> list[str]:
     docs: list[str] = []
     if cfg.task:
-        from nanor1.tasks import get_task
         docs += pretrain_documents(get_task(cfg.task), cfg.n_docs, cfg.seed, cfg.mix)
     for f in cfg.data_files:
         docs += list(read_text_documents(f))
@@ -123,7 +123,6 @@ def pretrain(cfg: PretrainConfig) -> Path:
     train_starts = window_starts(train, tok.bos_id, cfg.seq_len)
     anneal, anneal_starts, anneal_from = train, train_starts, cfg.steps - cfg.anneal_steps
     if cfg.anneal_steps:
-        from nanor1.tasks import get_task
         anneal = build_token_stream(pretrain_documents(get_task(cfg.task), cfg.anneal_docs, cfg.seed + 1,
                                                        cfg.anneal_mix), tok, out_dir / "data", "anneal")
         anneal_starts = window_starts(anneal, tok.bos_id, cfg.seq_len)
