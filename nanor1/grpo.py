@@ -227,6 +227,7 @@ def grpo(cfg: GRPOConfig, policy=None) -> Path:
         row = {"stage": cfg.stage, "step": step + 1, "lr": lr, "grad_norm": float(grad_norm),
                "reward_mean": float(total.mean()), "reward_std": float(total.std()),
                **{f"reward/{k}": sum(v) / len(v) for k, v in ro.rewards.items() if k != "total"},
+               **{f"reward_std/{k}": float(torch.tensor(v).std()) for k, v in ro.rewards.items() if k != "total"},
                "accuracy": sum(ro.rewards["accuracy"]) / n_seq, "format": sum(ro.rewards["format"]) / n_seq,
                "response_len": sum(lens) / n_seq, "zero_std_frac": zero_frac,
                "truncated_frac": sum(c.finish_reason == "length" for c in ro.completions) / n_seq,

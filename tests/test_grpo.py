@@ -34,10 +34,28 @@ def test_grpo_runs_logs_and_saves(base, tmp_path):
     assert verify_manifest(final)["kind"] == "grpo"
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
-    for key in ("reward_mean", "reward/accuracy", "reward/format", "accuracy", "response_len", "clip_frac",
-                "entropy", "zero_std_frac", "rollout_tokens_per_s", "train_tokens_per_s"):
+    for key in ("reward_mean", "reward/accuracy", "reward/format", "reward_std/accuracy", "reward_std/format",
+                "accuracy", "response_len", "clip_frac", "entropy", "zero_std_frac", "rollout_tokens_per_s",
+                "train_tokens_per_s"):
         assert key in rows[-1], key
     assert (tmp_path / "samples.jsonl").read_text().strip()
+
+
+def test_grpo_logs_each_reward_functions_mean_and_std(base, tmp_path):
+    """A user reward that alternates 0, 1, 0, 1, ... over each step's 8 completions: mean 0.5, sample std
+    sqrt(8 * 0.25 / 7)."""
+    reward_file = tmp_path / "alternating_reward.py"
+    reward_file.write_text("calls = [0]\n\ndef alternate(completion, problem):\n"
+                           "    calls[0] += 1\n    return float(calls[0] % 2)\n")
+    spec = f"{reward_file}:alternate"
+    cfg = _cfg(base, tmp_path / "run")
+    cfg.rewards.user = [spec]
+    grpo(cfg)
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        assert r[f"reward/{spec}"] == pytest.approx(0.5)
+        assert r[f"reward_std/{spec}"] == pytest.approx((8 * 0.25 / 7) ** 0.5)
+        assert r["reward_std/format"] >= 0
 
 
 def test_grpo_resume_after_checkpoint(base, tmp_path):
