@@ -16,6 +16,7 @@ from typing import Callable
 
 from nanor1.checkpoint import MANIFEST, verify_manifest
 from nanor1.common import NanoR1Error, atomic_write_json, read_json, tune_cpu
+from nanor1.speedrun_report import base_reasoning_markdown, write_speedrun_report
 from nanor1.templates import Template
 
 
@@ -219,7 +220,9 @@ class Speedrun:
             self.times[st.name] = round(time.perf_counter() - ts, 1)
             ran_w += st.weight
             atomic_write_json(times_file, self.times)
-        from nanor1.speedrun_report import write_speedrun_report
+            said = base_reasoning_markdown(self.out, self.cfg.task) if st.name == "eval-base" else ""
+            if said:  # say now, not only in the report, whether R1-Zero has anything to work with
+                print("    " + said.strip(), flush=True)
         report = write_speedrun_report(self.out, self.cfg, self.times)
         print(f"report: {report}")
         return report

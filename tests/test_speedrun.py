@@ -45,7 +45,9 @@ def test_report_and_findings(quick_run):
     n = m["reasoned"]["samples"] + m["direct"]["samples"]
     assert n == m["n_samples"]
     md = (out / "report" / "report.md").read_text()
-    assert f"The base reasons before answering in {100 * m['reasoned']['samples'] / n:.0f}% of its {n}" in md
+    said = f"The base reasons before answering in {100 * m['reasoned']['samples'] / n:.0f}% of its {n}"
+    assert said in md
+    assert said in r.stdout.split("R1-Zero: GRPO from the base")[0]  # printed as soon as the base is evaluated
 
 
 def test_run_verifies_with_lineage_from_tokenizer_to_student(quick_run):
