@@ -18,9 +18,19 @@ from nanor1.templates import Template, render_prompt
 from nanor1.tokenizer import encode_prompt
 
 
-def lookup_by_ambiguity(outs, problems) -> str:
-    """Steps 2.. of each chain "t+x=..": is x the question's next term? Split by whether the previous term
-    is repeated in the question."""
+def greedy_chains(model: str, task, n_problems: int):
+    """(policy, held-out problems, greedy completions after the R1-Zero prompt + " <think>")."""
+    policy = load_policy(model)
+    problems = task.problems("eval", n_problems, 0)
+    prompts = [encode_prompt(policy.tokenizer, render_prompt(x.question, Template.R1_ZERO) + " <think>")
+               for x in problems]
+    return policy, problems, policy.engine(len(prompts)).generate(prompts, SamplingParams(max_new_tokens=80,
+                                                                                          temperature=0))
+
+
+def lookup_hits(outs, problems) -> dict[bool, list[int]]:
+    """Steps 2.. of each chain "t+x=..": is x the question's next term? [right, steps], keyed by whether the
+    previous term is repeated in the question."""
     hits = {True: [0, 0], False: [0, 0]}
     for o, x in zip(outs, problems):
         xs = [int(t) for t in x.question.split("+")]
@@ -29,8 +39,12 @@ def lookup_by_ambiguity(outs, problems) -> str:
             repeated = xs.count(xs[k]) > 1
             hits[repeated][0] += int(steps[k][1]) == xs[k + 1]
             hits[repeated][1] += 1
+    return hits
+
+
+def lookup_by_ambiguity(outs, problems) -> str:
     return ", ".join(f"previous term {'repeated' if r else 'unique'} {a}/{n} ({a / max(n, 1):.0%})"
-                     for r, (a, n) in hits.items())
+                     for r, (a, n) in lookup_hits(outs, problems).items())
 
 
 def main() -> None:
@@ -39,12 +53,8 @@ def main() -> None:
     p.add_argument("--problems", type=int, default=100)
     p.add_argument("--task", default="chain_sum")
     args = p.parse_args()
-    policy = load_policy(args.model)
-    tok = policy.tokenizer
     task = get_task(args.task)
-    problems = task.problems("eval", args.problems, 0)
-    prompts = [encode_prompt(tok, render_prompt(x.question, Template.R1_ZERO) + " <think>") for x in problems]
-    outs = policy.engine(len(prompts)).generate(prompts, SamplingParams(max_new_tokens=80, temperature=0))
+    _, problems, outs = greedy_chains(args.model, task, args.problems)
     firsts = [task.worked_solution(x).split(", ")[0] for x in problems]
     first = sum(o.text.strip().startswith(f) for o, f in zip(outs, firsts))
     right = sum((re.findall(r"\d+", o.text) or ["x"])[-1] == x.answer for o, x in zip(outs, problems))

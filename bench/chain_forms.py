@@ -16,13 +16,12 @@ whose first step is right and chains whose reasoning ends in the answer. For the
 counts later steps whose term is the question's next one ("look-up"); for `totals`, the totals that are right.
 """
 
+import functools
 import re
 import sys
 
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
-from tokenizers import Tokenizer as _HFTok
-
 import nanor1.tokenizer as tokenizer_module
+from nanor1.tasks import get_task
 from nanor1.tasks.arithmetic import ChainSum
 from nanor1.tasks.base import make_problem
 
@@ -51,56 +50,33 @@ def totals(self, problem):
     return ",".join(str(sum(xs[:i + 1])) for i in range(len(xs)))
 
 
-def train_tokenizer_number_tokens(texts, vocab_size, merge_across_words=False):
-    """nanor1.tokenizer.train_tokenizer with digits grouped up to three per pre-token instead of one."""
-    tok = _HFTok(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"\d{1,3}"), behavior="isolated"),
-        pre_tokenizers.Split(Regex(r"\s+\z"), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=not merge_across_words)])
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator((t for t in texts if t), trainer=trainers.BpeTrainer(
-        vocab_size=vocab_size, min_frequency=2, show_progress=False,
-        special_tokens=[AddedToken(t, special=True, normalized=False) for t in tokenizer_module.SPECIAL_TOKENS],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return tokenizer_module.Tokenizer(tok)
-
-
 def apply(form: str) -> None:
     if form == "distinct":
         ChainSum.generate = distinct_terms
     elif form in ("padded", "rewrite", "totals"):
         ChainSum.worked_solution = {"padded": padded, "rewrite": rewrite, "totals": totals}[form]
     if form == "totals":
-        tokenizer_module.train_tokenizer = train_tokenizer_number_tokens
+        tokenizer_module.train_tokenizer = functools.partial(tokenizer_module.train_tokenizer, max_digits=3)
 
 
 def probe(form: str, model: str) -> None:
-    from nanor1.engine import SamplingParams
-    from nanor1.policy import load_policy
-    from nanor1.tasks import get_task
-    from nanor1.templates import Template, render_prompt
-    policy, task = load_policy(model), get_task("chain_sum")
-    problems = task.problems("eval", 100, 0)
-    prompts = [tokenizer_module.encode_prompt(policy.tokenizer, render_prompt(x.question, Template.R1_ZERO) + " <think>")
-               for x in problems]
-    outs = policy.engine(len(prompts)).generate(prompts, SamplingParams(max_new_tokens=80, temperature=0))
+    # bench/ is on the path when this script runs
+    from base_probe import greedy_chains, lookup_hits
+
+    task = get_task("chain_sum")
+    _, problems, outs = greedy_chains(model, task, 100)
     first = right = hits = steps = 0
     for o, x in zip(outs, problems):
         reasoning = o.text.split("</think>")[0]
         want = task.worked_solution(x).split(SEPARATOR[form])
         first += reasoning.strip().startswith(want[0])
         right += (re.findall(r"\d+", reasoning) or ["x"])[-1].lstrip("0") == x.answer
-        xs = [int(t) for t in x.question.split("+")]
         if form == "totals":  # every total after the first
             got = re.findall(r"\d+", reasoning)
             hits += sum(g == w for g, w in zip(got[1:], want[1:]))
             steps += len(want) - 1
-        elif form != "rewrite":  # the term of every step after the first
-            found = re.findall(r"(\d+)\+(\d+)=", reasoning)
-            for k in range(1, min(len(found), len(xs) - 1)):
-                hits += int(found[k][1]) == xs[k + 1]
-                steps += 1
+    if form in ("distinct", "padded"):  # the term of every step after the first
+        hits, steps = map(sum, zip(*lookup_hits(outs, problems).values()))
     what = "totals right" if form == "totals" else "look-up"
     print(f"{model}: first step right {first}/100; reasoning ends in the answer {right}/100"
           + (f"; {what} {hits}/{steps} ({hits / max(steps, 1):.0%})" if steps else ""))

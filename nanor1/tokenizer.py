@@ -150,19 +150,22 @@ class Tokenizer:
         return cls(tok)
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int, merge_across_words: bool = False) -> Tokenizer:
+def train_tokenizer(texts: Iterable[str], vocab_size: int, merge_across_words: bool = False,
+                    max_digits: int = 1) -> Tokenizer:
     """Byte-level BPE; digits are split one per token (as LLaMA and DeepSeek do) so arithmetic stays regular.
 
     merge_across_words=True drops GPT-2's word-splitting regex, so merges may span spaces: on templated task
     corpora the fixed R1-Zero prompt then costs ~42 tokens instead of ~95 (vocab 512), which matters for
-    a 128-token context. Digits stay single tokens either way.
+    a 128-token context. Digits stay single tokens either way. max_digits > 1 instead lets BPE merge runs of
+    up to that many digits (GPT-4's and Llama 3's rule is 3; bench/chain_forms.py tries it).
     """
     if vocab_size < MIN_VOCAB:
         raise NanoR1Error(f"vocab_size {vocab_size} is too small: it needs at least {MIN_VOCAB} "
                           f"(256 bytes + {len(SPECIAL_TOKENS)} special tokens)")
     tok = _HFTok(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.Digits(individual_digits=True) if max_digits == 1
+        else pre_tokenizers.Split(Regex(rf"\d{{1,{max_digits}}}"), behavior="isolated"),
         # whitespace that ends a piece (e.g. before a <think> tag) stays its own token, so a prompt that stops
         # at "Assistant:" tokenizes exactly as the same text does inside a training document
         pre_tokenizers.Split(Regex(r"\s+\z"), behavior="isolated"),

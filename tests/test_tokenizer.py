@@ -78,6 +78,13 @@ def test_digits_are_single_tokens_even_when_frequent(tok):
     assert [tok.decode([i]) for i in ids] == ["1", "2", "3", "4", "5", " ", "9", "9", "9", "9", "9"]
 
 
+def test_max_digits_lets_frequent_numbers_merge_but_never_past_the_limit():
+    t3 = train_tokenizer(["16+27=43, 43+5=48, 1234"] * 50, vocab_size=300, max_digits=3)
+    assert [t3.decode([i]) for i in t3.encode("16+27")] == ["16", "+", "27"]
+    assert all(len(t3.decode([i])) <= 3 for i in t3.encode("1234"))
+    assert t3.decode(t3.encode("1234")) == "1234"
+
+
 def test_training_is_fast_and_checks_vocab_size():
     t = time.time()
     t2 = train_tokenizer(_corpus(3000, seed=2), vocab_size=1024)
