@@ -234,9 +234,9 @@ class Engine:
         return admitted
 
     def _accept(self, reqs: list[_Request], logits: torch.Tensor) -> list[StepOutput]:
-        p = [r.params for r in reqs]
+        p, V = [r.params for r in reqs], logits.shape[-1]  # a top_k above V keeps every token (and overflows int64)
         tokens, logprobs = sample_tokens(
-            logits, torch.tensor([x.temperature for x in p]), torch.tensor([x.top_k for x in p]),
+            logits, torch.tensor([x.temperature for x in p]), torch.tensor([min(x.top_k, V) for x in p]),
             torch.tensor([x.top_p for x in p]), [r.generator for r in reqs])
         outs = []
         for req, tok, lp in zip(reqs, tokens.tolist(), logprobs.tolist()):

@@ -39,6 +39,14 @@ def test_same_seed_same_sample_whatever_the_batch(tiny_model):
     assert [o.ids for o in a] != [o.ids for o in c]
 
 
+def test_top_k_beyond_the_vocabulary_keeps_every_token(tiny_model):
+    """top_k = 10**30 (the serve fuzz test sent one) is top_k off, not an int64 overflow."""
+    params = [SamplingParams(max_new_tokens=8, seed=s, top_k=k) for s, k in ((1, 0), (2, 0))]
+    huge = [SamplingParams(max_new_tokens=8, seed=s, top_k=10 ** 30) for s in (1, 2)]
+    off = Engine(tiny_model, None).generate(PROMPTS[:2], params)
+    assert [o.ids for o in Engine(tiny_model, None).generate(PROMPTS[:2], huge)] == [o.ids for o in off]
+
+
 def test_more_prompts_than_slots_and_stop_tokens(tiny_model):
     greedy = reference_greedy(tiny_model, PROMPTS[1], 10)
     stop = greedy[4]
