@@ -9,6 +9,9 @@ Forms (3+5+8+2+7+4 as the example):
     distinct  six different digits per question; worked solution as in nanor1 ("3+5=8, 8+8=16, ...")
     padded    two-digit totals, every step the same width: "03+5=08, 08+8=16, 16+2=18, ..."
     rewrite   the sum rewritten with its head added: "08+8+2+7+4 = 16+2+7+4 = 18+7+4 = 25+4 = 29"
+    carried   the rewrite at a fixed width, consumed terms replaced by zeros, so that every step reads its
+              operands at the same distance back: "08+8+2+7+4 = 16+2+7+4+0 = 18+7+4+0+0 = 25+4+0+0+0 = 29"
+    tight     the same with "=" between the lines instead of " = " (four tokens fewer)
     totals    numbers of up to three digits as one token (GPT-4's and Llama 3's \\p{N}{1,3} rule) and running
               totals only: "3,8,16,18,25,29"
 The probe completes 100 held-out problems greedily after the R1-Zero prompt + " <think>" and counts chains
@@ -25,7 +28,7 @@ from nanor1.tasks import get_task
 from nanor1.tasks.arithmetic import ChainSum
 from nanor1.tasks.base import make_problem
 
-SEPARATOR = {"distinct": ", ", "padded": ", ", "rewrite": " = ", "totals": ","}
+SEPARATOR = {"distinct": ", ", "padded": ", ", "rewrite": " = ", "carried": " = ", "tight": "=", "totals": ","}
 
 
 def distinct_terms(self, rng):
@@ -45,6 +48,16 @@ def rewrite(self, problem):
     return " = ".join("+".join([f"{sum(xs[:i + 1]):02d}"] + [str(x) for x in xs[i + 1:]]) for i in range(1, len(xs)))
 
 
+def carried(self, problem, separator=" = "):
+    xs = [int(x) for x in problem.question.split("+")]
+    width = len(xs) - 2  # terms after the head in the first line
+    lines = []
+    for i in range(1, len(xs) - 1):
+        tail = [str(x) for x in xs[i + 1:]] + ["0"] * (width - len(xs[i + 1:]))
+        lines.append("+".join([f"{sum(xs[:i + 1]):02d}"] + tail))
+    return separator.join(lines + [str(sum(xs))])
+
+
 def totals(self, problem):
     xs = [int(x) for x in problem.question.split("+")]
     return ",".join(str(sum(xs[:i + 1])) for i in range(len(xs)))
@@ -53,8 +66,9 @@ def totals(self, problem):
 def apply(form: str) -> None:
     if form == "distinct":
         ChainSum.generate = distinct_terms
-    elif form in ("padded", "rewrite", "totals"):
-        ChainSum.worked_solution = {"padded": padded, "rewrite": rewrite, "totals": totals}[form]
+    elif form in ("padded", "rewrite", "carried", "tight", "totals"):
+        ChainSum.worked_solution = {"padded": padded, "rewrite": rewrite, "carried": carried, "totals": totals,
+                                    "tight": functools.partialmethod(carried, separator="=")}[form]
     if form == "totals":
         tokenizer_module.train_tokenizer = functools.partial(tokenizer_module.train_tokenizer, max_digits=3)
 
