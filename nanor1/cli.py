@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from nanor1.common import NanoR1Error
 
@@ -75,6 +76,9 @@ def _add_tokenizer(p):
 def _cmd_tokenizer(args):
     from nanor1.checkpoint import write_manifest
     from nanor1.tokenizer import train_tokenizer_from_files, train_tokenizer_from_task
+    if "=" in args.out_dir and not Path(args.out_dir).exists():  # `nanor1 tokenizer vocab_size=1024` (stage style)
+        raise NanoR1Error(f"out_dir {args.out_dir!r} looks like a key=value setting; this command takes a folder "
+                          "and options: nanor1 tokenizer OUT_DIR --vocab-size N --task T | --files F ...")
     if args.files:
         tok = train_tokenizer_from_files(args.files, args.vocab_size, args.out_dir)
     else:

@@ -215,6 +215,8 @@ def train_tokenizer_from_task(task: str, vocab_size: int, out_dir: str | Path, n
     Task corpora are templated text, so merges across words are on by default (shorter prompts)."""
     from nanor1.corpus import tokenizer_training_texts
     from nanor1.tasks import get_task
+    if n_docs < 1:
+        raise NanoR1Error(f"n_docs must be >= 1 to train a tokenizer on task {task!r}, got {n_docs}")
     texts = tokenizer_training_texts(get_task(task, **task_options), n_docs, seed)
     tok = train_tokenizer(texts, vocab_size, merge_across_words)
     tok.save(out_dir)

@@ -181,6 +181,18 @@ def test_train_from_files_and_task(tmp_path):
     words = train_tokenizer_from_task("chain_sum", 512, tmp_path / "t2", n_docs=2000, merge_across_words=False)
     assert len(crossing.encode(prompt, True)) < 0.6 * len(words.encode(prompt, True))
     assert crossing.decode(crossing.encode(prompt, True)) == prompt
+    with pytest.raises(NanoR1Error, match="n_docs must be >= 1"):
+        train_tokenizer_from_task("chain_sum", 512, tmp_path / "t3", n_docs=0)
+
+
+def test_tokenizer_command_rejects_a_setting_as_its_folder(tmp_path, monkeypatch, capsys):
+    """`nanor1 tokenizer vocab_size=1024`, written like the stage commands, must not train into a folder
+    named "vocab_size=1024"."""
+    from nanor1.cli import main
+    monkeypatch.chdir(tmp_path)
+    assert main(["tokenizer", "vocab_size=1024"]) == 2
+    assert "looks like a key=value setting" in capsys.readouterr().err
+    assert not (tmp_path / "vocab_size=1024").exists()
 
 
 @pytest.mark.slow
