@@ -7,6 +7,7 @@ registered in COMMANDS at the bottom. User errors (NanoR1Error) print as one lin
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -33,12 +34,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_paths_are_not_settings(args) -> None:
+    """Commands that take paths (tokenizer, export, import, info, report) would otherwise read or write a
+    folder named like `vocab_size=1024` when a user writes them in the stage commands' key=value style."""
+    if hasattr(args, "overrides"):
+        return
+    for name, value in vars(args).items():
+        if isinstance(value, str) and re.match(r"\w+=", value) and not Path(value).exists():
+            raise NanoR1Error(f"{name} {value!r} looks like a key=value setting, but `nanor1 {args.command}` takes "
+                              f"paths and --options; see `nanor1 {args.command} --help`")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from nanor1.common import tune_cpu
     tune_cpu()
     try:
+        _check_paths_are_not_settings(args)
         rc = args._run(args)
     except NanoR1Error as e:
         print(f"nanor1 {args.command}: error: {e}", file=sys.stderr)
@@ -76,9 +89,6 @@ def _add_tokenizer(p):
 def _cmd_tokenizer(args):
     from nanor1.checkpoint import write_manifest
     from nanor1.tokenizer import train_tokenizer_from_files, train_tokenizer_from_task
-    if "=" in args.out_dir and not Path(args.out_dir).exists():  # `nanor1 tokenizer vocab_size=1024` (stage style)
-        raise NanoR1Error(f"out_dir {args.out_dir!r} looks like a key=value setting; this command takes a folder "
-                          "and options: nanor1 tokenizer OUT_DIR --vocab-size N --task T | --files F ...")
     if args.files:
         tok = train_tokenizer_from_files(args.files, args.vocab_size, args.out_dir)
     else:

@@ -85,3 +85,16 @@ def test_cli_prints_one_line_for_a_bad_checkpoint(ckpt, tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "model.safetensors" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("argv", [["tokenizer", "vocab_size=1024"], ["export", "model=ckpt", "out_dir=x"],
+                                  ["info", "model=ckpt"], ["report", "run_dir=runs/x"]])
+def test_path_commands_refuse_settings_written_as_paths(argv, tmp_path, monkeypatch, capsys):
+    """`nanor1 tokenizer vocab_size=1024`, written like the stage commands, must neither train into a folder
+    named "vocab_size=1024" nor say "model not found" about "model=ckpt"."""
+    from nanor1.cli import main
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "looks like a key=value setting" in err and f"nanor1 {argv[0]} --help" in err
+    assert not list(tmp_path.iterdir())
