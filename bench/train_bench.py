@@ -3,10 +3,10 @@
 The `speedrun` preset at batch 64 x 128 tokens, bf16 autocast, AdamW, gradient clipping and one optimizer step
 per iteration; ours also applies the MoE bias update, as `nanor1.train.train_loop` does. transformers' DeepseekV3
 has no MTP module, so ours runs twice: as configured (with its MTP loss) and with n_mtp_layers=0 (like for
-like). --compile adds both of ours under torch.compile (as `train_loop(compile=True)`; about two minutes of
-compilation each on 2 cores); transformers stays eager, as its Trainer is by default. Runs are interleaved so a
-busy CPU slows every side alike. Run:
-    python bench/train_bench.py [--batch 64] [--seq 128] [--reps 5] [--threads N] [--compile]
+like). --dense adds ours with every layer dense (no MoE). --compile adds ours under torch.compile (as
+`train_loop(compile=True)`; about two minutes of compilation each on 2 cores); transformers stays eager, as
+its Trainer is by default. Runs are interleaved so a busy CPU slows every side alike. Run:
+    python bench/train_bench.py [--batch 64] [--seq 128] [--reps 5] [--threads N] [--compile] [--dense]
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=5, help="timed steps per side, after one warm-up step each")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--compile", action="store_true", help="also time ours under torch.compile")
+    p.add_argument("--dense", action="store_true",
+                   help="also time ours with a dense feed-forward in every layer (no MoE), with and without MTP")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
 
@@ -57,6 +59,10 @@ def main() -> None:
     ours = {"ours (MTP)": Transformer(cfg).init_weights(0),
             "ours (no MTP)": Transformer(ModelConfig.preset("speedrun", max_seq_len=cfg.max_seq_len,
                                                             n_mtp_layers=0)).init_weights(0)}
+    if args.dense:  # what the MoE costs per step: the same preset with its MoE layers made dense
+        for name, mtp in (("ours dense (MTP)", 1), ("ours dense (no MTP)", 0)):
+            ours[name] = Transformer(ModelConfig.preset("speedrun", max_seq_len=cfg.max_seq_len, n_mtp_layers=mtp,
+                                                        n_dense_layers=cfg.n_layers)).init_weights(0)
     with tempfile.TemporaryDirectory() as d:
         hf = export_hf(ours["ours (no MTP)"], Path(d))
     hf.train()
