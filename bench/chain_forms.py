@@ -31,6 +31,10 @@ from nanor1.tasks.base import make_problem
 SEPARATOR = {"distinct": ", ", "padded": ", ", "rewrite": " = ", "carried": " = ", "tight": "=", "totals": ","}
 
 
+def terms(problem) -> list[int]:
+    return [int(x) for x in problem.question.split("+")]
+
+
 def distinct_terms(self, rng):
     while True:
         xs = rng.sample(range(1, 10), self.cfg.terms)
@@ -38,18 +42,18 @@ def distinct_terms(self, rng):
 
 
 def padded(self, problem):
-    xs = [int(x) for x in problem.question.split("+")]
+    xs = terms(problem)
     sums = [sum(xs[:i + 1]) for i in range(len(xs))]
     return ", ".join(f"{a:02d}+{x}={b:02d}" for a, x, b in zip(sums, xs[1:], sums[1:]))
 
 
 def rewrite(self, problem):
-    xs = [int(x) for x in problem.question.split("+")]
+    xs = terms(problem)
     return " = ".join("+".join([f"{sum(xs[:i + 1]):02d}"] + [str(x) for x in xs[i + 1:]]) for i in range(1, len(xs)))
 
 
 def carried(self, problem, separator=" = "):
-    xs = [int(x) for x in problem.question.split("+")]
+    xs = terms(problem)
     width = len(xs) - 2  # terms after the head in the first line
     lines = []
     for i in range(1, len(xs) - 1):
@@ -59,7 +63,7 @@ def carried(self, problem, separator=" = "):
 
 
 def totals(self, problem):
-    xs = [int(x) for x in problem.question.split("+")]
+    xs = terms(problem)
     return ",".join(str(sum(xs[:i + 1])) for i in range(len(xs)))
 
 
