@@ -119,6 +119,56 @@ def test_mtp_loss_predicts_two_ahead():
     assert no_mtp(idx, tgt).mtp_loss is None
 
 
+def test_mtp_loss_over_all_positions_equals_the_windowed_formula():
+    """The MTP depth runs on all T positions with the last one's target ignored; causal attention means that
+    equals V3 eq. 21-25 computed on the T - 1 positions that have a target (the window, written out here)."""
+    import torch.nn.functional as F
+    model = Transformer(ModelConfig.preset("tiny")).init_weights(3).eval()
+    idx = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    tgt = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(2))
+    tgt[0, 5] = -100
+    with torch.no_grad():
+        out = model(idx, tgt)
+        h = model.embed_tokens(idx)
+        cos, sin = model.rope_cos[:16, None], model.rope_sin[:16, None]
+        for block in model.layers:
+            h = block(h, lambda attn, x: attn(x, cos, sin))
+        h = model.norm(h)
+        n, layer = 15, model.mtp[0]
+        h1 = layer(h[:, :n], model.embed_tokens(tgt[:, :n].clamp(min=0)),
+                   lambda attn, x: attn(x, model.rope_cos[:n, None], model.rope_sin[:n, None]))
+        logits = model.lm_head(layer.norm(h1))
+        expected = F.cross_entropy(logits.reshape(-1, logits.size(-1)), tgt[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(out.mtp_loss, expected)
+
+
+def test_bf16_autocast_training_matches_transformers(tmp_path):
+    """Under CPU bf16 autocast (how training runs) our loss and gradients are no further from transformers'
+    float32 DeepseekV3 than transformers' own bf16-autocast run is: the casts we skip (norm outputs, softmax in
+    bf16) must not cost accuracy."""
+    from transformers import AutoModelForCausalLM
+    cfg = ModelConfig.preset("tiny", n_mtp_layers=0, q_lora_rank=0)
+    model = Transformer(cfg).init_weights(4).train()
+    _export(model, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).train()
+    idx = torch.randint(0, cfg.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    tgt = torch.cat((idx[:, 1:], torch.full((4, 1), -100)), dim=1)  # transformers shifts its labels itself
+    runs = {}
+    for name, m, call, bf16 in (("ref fp32", ref, lambda: ref(idx, labels=idx).loss, False),
+                                ("ref bf16", ref, lambda: ref(idx, labels=idx).loss, True),
+                                ("ours bf16", model, lambda: model(idx, tgt).loss, True)):
+        m.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = call()
+        loss.backward()
+        runs[name] = (loss.item(), m.lm_head.weight.grad.clone())
+    (l32, g32), (l_ref, g_ref), (l_ours, g_ours) = runs.values()
+    assert abs(l_ours - l32) <= max(2 * abs(l_ref - l32), 1e-3)
+    assert (g_ours - g32).norm() <= 2 * (g_ref - g32).norm()
+
+
 def test_ignored_targets_take_no_loss(tiny_model):
     idx = torch.randint(0, 128, (1, 10))
     tgt = torch.full((1, 10), -100)

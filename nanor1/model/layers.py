@@ -18,7 +18,11 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         x = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * x.to(dtype)
+        out = self.weight * x.to(dtype)
+        if torch.is_autocast_enabled(out.device.type):
+            # the layers that read a norm's output compute in the autocast dtype: cast once here, not in each
+            return out.to(torch.get_autocast_dtype(out.device.type))
+        return out
 
 
 class MLP(nn.Module):

@@ -48,15 +48,16 @@ def _causal_attention(q, k, v, scale: float) -> torch.Tensor:
 
 def _causal_attention_cpu(q, k, v, scale: float) -> torch.Tensor:
     """The same attention as three batched matmuls, for CPUs: scale and causal mask fused into one baddbmm,
-    softmax in float32. PyTorch's CPU SDPA falls back to its math path (v_dim != qk dim), which builds the
-    mask and rescales in separate passes: this is 1.7x faster in bf16 at the speedrun shapes, forward plus
-    backward (bench/attention_bench.py)."""
+    softmax in the scores' dtype (PyTorch's CPU kernels accumulate bf16 in float32, so a float32 copy of the
+    scores would only add two casts: ~1.8x slower forward plus backward, same error against float64).
+    PyTorch's CPU SDPA falls back to its math path (v_dim != qk dim), which builds the mask and rescales in
+    separate passes, and its flash kernel with v padded to the key width is slower still: this is 1.7x
+    faster in bf16 at the speedrun shapes, forward plus backward (bench/attention_bench.py)."""
     B, H, T, d = q.shape
     mask = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
     scores = torch.baddbmm(mask.expand(B * H, T, T), q.reshape(B * H, T, d),
                            k.reshape(B * H, T, d).transpose(1, 2), alpha=scale)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
-    return torch.bmm(probs, v.reshape(B * H, T, -1)).view(B, H, T, -1)
+    return torch.bmm(torch.softmax(scores, dim=-1), v.reshape(B * H, T, -1)).view(B, H, T, -1)
 
 
 class MLA(nn.Module):

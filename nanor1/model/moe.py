@@ -93,19 +93,21 @@ class MoE(nn.Module):
                     shape[0], shape[1], -1))
         return out
 
-    def _expert_ffn(self, x: torch.Tensor, e) -> torch.Tensor:
-        return F.linear(F.silu(F.linear(x, self.w_gate[e])) * F.linear(x, self.w_up[e]), self.w_down[e])
-
     def _sparse_experts(self, x, weights, idx) -> torch.Tensor:
         """Tokens sorted by expert, one matmul chain per expert that has tokens (training, prefill)."""
         flat_idx = idx.flatten()
         order = flat_idx.argsort(stable=True)
         counts = torch.bincount(flat_idx, minlength=self.n_experts).tolist()
         token_of = order // self.top_k
-        # split (not slicing) keeps each chunk's backward from allocating a full-size zero gradient
-        chunks = x[token_of].split(counts)
-        ys = torch.cat([self._expert_ffn(xe, e) for e, xe in enumerate(chunks) if xe.shape[0]]) * weights.flatten()[order, None].to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token_of, ys.to(x.dtype))
+        # one cast and one unbind per stacked weight, and split rather than slicing: indexing per expert would
+        # cast each slice separately and give each slice's backward a full-size zero gradient to add up
+        dt = x.dtype
+        w_gate, w_up, w_down = (w.to(dt).unbind(0) for w in (self.w_gate, self.w_up, self.w_down))
+        chunks = x.index_select(0, token_of).split(counts)  # index_select: its backward is one index_add_
+        ys = torch.cat([F.linear(F.silu(F.linear(xe, w_gate[e])) * F.linear(xe, w_up[e]), w_down[e])
+                        for e, xe in enumerate(chunks) if xe.shape[0]])
+        ys = ys * weights.flatten()[order, None].to(ys.dtype)
+        return torch.zeros_like(x).index_add_(0, token_of, ys.to(dt))
 
     def _grouped_experts(self, x, weights, idx) -> torch.Tensor:
         """Inference: tokens bucketed per expert into one (E, capacity, dim) tensor, so every expert runs in

@@ -139,18 +139,20 @@ class Transformer(nn.Module):
     def _mtp_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor | None:
         """Mean over depths k of the cross-entropy for token i+k+1 (V3 eq. 23-25).
 
-        Depth k at position i sees h^{k-1}_i and the embedding of token i+k (= targets[i+k-1])."""
+        Depth k at position i sees h^{k-1}_i and the embedding of token i+k (= targets[i+k-1]). Every depth runs
+        on all T positions: the last k have no target (padded with -100) and, attention being causal, change
+        nothing before them, while a window of T - k positions would make every shape odd (the softmax alone
+        runs 2x slower at 127 columns than at 128 on CPUs)."""
         T = h.shape[1]
+        cos, sin = self.rope_cos[:T, None], self.rope_sin[:T, None]
         losses = []
         for k, layer in enumerate(self.mtp, start=1):
-            n = T - k
-            if n <= 0:
+            if T - k <= 0:
                 break
-            emb_ids = targets[:, k - 1:k - 1 + n].clamp(min=0)  # ignored targets still need a valid id
-            cos, sin = self.rope_cos[:n, None], self.rope_sin[:n, None]
-            h = layer(h[:, :n], self.embed_tokens(emb_ids), lambda attn, x: attn(x, cos, sin))
+            emb_ids = F.pad(targets[:, k - 1:], (0, k - 1)).clamp(min=0)  # ignored targets still need a valid id
+            h = layer(h, self.embed_tokens(emb_ids), lambda attn, x: attn(x, cos, sin))
             logits = self.lm_head(layer.norm(h))
-            tgt = targets[:, k:k + n]
+            tgt = F.pad(targets[:, k:], (0, k), value=-100)
             if (tgt != -100).any():
                 losses.append(F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), tgt.reshape(-1),
                                               ignore_index=-100))
