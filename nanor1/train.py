@@ -1,8 +1,8 @@
 """The shared optimisation loop used by pretraining, SFT and distillation.
 
-AdamW with warmup + cosine or WSD decay, gradient accumulation, clipping, bf16 autocast, MoE bias updates,
-progress bar (loss, tokens/s, MFU, ETA), metrics.jsonl, periodic held-out loss, atomic checkpoints and an
-exact `--resume`: batches are a pure function of (seed, step), and optimizer and RNG state are restored.
+AdamW (or Muon for the matrices) with warmup + cosine or WSD decay, gradient accumulation, clipping, bf16
+autocast, MoE bias updates, progress bar (loss, tokens/s, MFU, ETA), metrics.jsonl, periodic held-out loss,
+atomic checkpoints and an exact `--resume`: batches are a pure function of (seed, step), and optimizer and RNG state are restored.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from nanor1.checkpoint import latest_checkpoint, load_train_state, save_run_chec
 from nanor1.common import NanoR1Error, autocast, peak_flops, progress
 from nanor1.metrics import MetricsSink, TrackingConfig
 from nanor1.model import Transformer
+from nanor1.muon import Muon, Optimizers
 
 
 class Schedule(enum.Enum):
@@ -28,8 +29,14 @@ class Schedule(enum.Enum):
     CONSTANT = "constant"
 
 
+class Optimizer(enum.Enum):
+    ADAMW = "adamw"
+    MUON = "muon"  # Muon for the hidden matrices, AdamW for embeddings, output head and vectors (nanor1.muon)
+
+
 @dataclass
 class OptimConfig:
+    optimizer: Optimizer = Optimizer.ADAMW
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     warmup_steps: int = 20
@@ -78,12 +85,22 @@ def lr_at(step: int, total: int, cfg: OptimConfig) -> float:
     return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress_)))
 
 
-def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW; matrices decay, vectors (norms) do not."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=False)
+def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer | Optimizers:
+    """AdamW; matrices decay, vectors (norms) do not. With Muon, the hidden matrices (every matrix but the
+    embeddings and the output head) go to Muon instead, with the same learning rate and weight decay."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    muon: list[torch.nn.Parameter] = []
+    if cfg.optimizer is Optimizer.MUON:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else model.lm_head
+        io = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) or m is head for p in m.parameters()}
+        muon = [p for p in params if p.dim() >= 2 and id(p) not in io]
+    rest = [p for p in params if id(p) not in {id(q) for q in muon}]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
+    adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=False)
+    if not muon:
+        return adamw
+    return Optimizers(Muon(muon, lr=cfg.lr, weight_decay=cfg.weight_decay), adamw)
 
 
 def flops_per_token(model: Transformer, seq_len: int) -> float:

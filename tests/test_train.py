@@ -10,12 +10,13 @@ from nanor1.common import NanoR1Error
 from nanor1.config import load_config
 from nanor1.data import SFTData, encode_chat_example, stream_batch, window_starts
 from nanor1.model import ModelConfig, Transformer
-from nanor1.train import LoopConfig, OptimConfig, Schedule, lr_at, train_loop
+from nanor1.muon import Muon, orthogonalize
+from nanor1.train import LoopConfig, OptimConfig, Optimizer, Schedule, lr_at, make_optimizer, train_loop
 
 DATA = np.random.default_rng(0).integers(0, 128, size=5000).astype(np.uint16)
 
 
-def _run(tmp_path, steps, resume=False, crash_at=None, grad_accum=1, batch=8):
+def _run(tmp_path, steps, resume=False, crash_at=None, grad_accum=1, batch=8, optimizer=Optimizer.ADAMW):
     model = Transformer(ModelConfig.preset("tiny")).init_weights(0)
     torch.manual_seed(0)
 
@@ -27,20 +28,57 @@ def _run(tmp_path, steps, resume=False, crash_at=None, grad_accum=1, batch=8):
         return x[micro * per:(micro + 1) * per], y[micro * per:(micro + 1) * per]
 
     loop = LoopConfig(steps=steps, grad_accum=grad_accum, log_every=1, ckpt_every=3)
-    train_loop(model, batches, loop, OptimConfig(lr=1e-3, warmup_steps=2), tmp_path, device=torch.device("cpu"),
+    train_loop(model, batches, loop, OptimConfig(optimizer=optimizer, lr=1e-3, warmup_steps=2), tmp_path, device=torch.device("cpu"),
                dtype=torch.float32, stage="test", resume=resume, show_progress=False)
     return model
 
 
-def test_resume_reaches_the_same_weights_and_loss(tmp_path):
-    straight = _run(tmp_path / "a", 7)
+@pytest.mark.parametrize("optimizer", list(Optimizer))
+def test_resume_reaches_the_same_weights_and_loss(tmp_path, optimizer):
+    straight = _run(tmp_path / "a", 7, optimizer=optimizer)
     with pytest.raises(KeyboardInterrupt):
-        _run(tmp_path / "b", 7, crash_at=4)
-    resumed = _run(tmp_path / "b", 7, resume=True)
+        _run(tmp_path / "b", 7, crash_at=4, optimizer=optimizer)
+    resumed = _run(tmp_path / "b", 7, resume=True, optimizer=optimizer)
     for (k, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
         assert torch.equal(a, b), k
     last = lambda p: [json.loads(l) for l in p.read_text().splitlines()][-1]["loss"]
     assert last(tmp_path / "a" / "metrics.jsonl") == last(tmp_path / "b" / "metrics.jsonl")
+
+
+def test_muon_steps_like_torch_on_matrices_and_per_expert_on_stacks():
+    """Ours against torch.optim.Muon (match_rms_adamw scaling) on matrices; a (experts, out, in) stack steps as
+    each expert's matrix would alone."""
+    g = torch.Generator().manual_seed(0)
+    mats = [torch.randn(16, 24, generator=g), torch.randn(40, 8, generator=g)]
+    ours = [torch.nn.Parameter(m.clone()) for m in mats]
+    theirs = [torch.nn.Parameter(m.clone()) for m in mats]
+    opt_ours = Muon(ours, lr=0.02, weight_decay=0.1)
+    opt_theirs = torch.optim.Muon(theirs, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    for _ in range(3):
+        grads = [torch.randn(m.shape, generator=g) for m in mats]
+        for params, opt in ((ours, opt_ours), (theirs, opt_theirs)):
+            for p, gr in zip(params, grads):
+                p.grad = gr.clone()
+            opt.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=0)  # bf16 Newton-Schulz, fused differently
+    stack = torch.randn(3, 16, 24, generator=g)
+    assert torch.equal(orthogonalize(stack)[1], orthogonalize(stack[1]))
+    u = orthogonalize(torch.randn(32, 32, generator=g)).float()
+    s = torch.linalg.svdvals(u)
+    assert 0.5 < s.min() and s.max() < 1.5  # Newton-Schulz lands every singular value near 1 (Jordan et al.)
+
+
+def test_muon_takes_the_matrices_and_adamw_the_rest():
+    model = Transformer(ModelConfig.preset("tiny", tie_embeddings=False))
+    opt = make_optimizer(model, OptimConfig(optimizer=Optimizer.MUON))
+    muon, adamw = opt.optimizers
+    names = {id(p): n for n, p in model.named_parameters()}
+    on_muon = {names[id(p)] for g in muon.param_groups for p in g["params"]}
+    assert "embed_tokens.weight" not in on_muon and "lm_head.weight" not in on_muon
+    assert "layers.1.mlp.w_up" in on_muon and "layers.0.self_attn.o_proj.weight" in on_muon
+    assert not any(n.endswith("norm.weight") for n in on_muon)
+    assert len(on_muon) + sum(len(g["params"]) for g in adamw.param_groups) == len(names)
 
 
 def test_accumulation_matches_one_big_batch(tmp_path):
