@@ -5,7 +5,7 @@ whose last number is the answer. This is the probe docs/speedrun.md uses to cali
 also scores each later step's term look-up, split by whether the term added the step before occurs twice in
 the question: a model that finds the next term by matching the previous one (an induction head) fails on the
 repeated ones; a model that counts positions does not care. Run:
-    python bench/base_probe.py runs/speedrun/base/final [--problems 100]
+    python bench/base_probe.py runs/speedrun/base/final [--problems 100] [--terms 8]
 """
 
 import argparse
@@ -52,8 +52,9 @@ def main() -> None:
     p.add_argument("model")
     p.add_argument("--problems", type=int, default=100)
     p.add_argument("--task", default="chain_sum")
+    p.add_argument("--terms", type=int, default=0, help="chain_sum's number of terms (0: the task's default)")
     args = p.parse_args()
-    task = get_task(args.task)
+    task = get_task(args.task, **({"terms": args.terms} if args.terms else {}))
     _, problems, outs = greedy_chains(args.model, task, args.problems)
     firsts = [task.worked_solution(x).split(", ")[0] for x in problems]
     first = sum(o.text.strip().startswith(f) for o, f in zip(outs, firsts))

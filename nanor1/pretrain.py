@@ -32,6 +32,7 @@ class PretrainConfig:
     tokenizer: str = ""  # a tokenizer folder; empty: train one on the corpus (saved to out_dir/tokenizer)
     vocab_size: int = 512
     task: str = "chain_sum"  # corpus generated from this task; empty: only data_files
+    task_options: dict = field(default_factory=dict)  # e.g. {terms: 8} for chain_sum (`nanor1 tasks` lists them)
     n_docs: int = 40_000
     mix: CorpusMix = field(default_factory=CorpusMix)  # shares of each document kind in the task corpus
     # Annealing (Llama 3 section 3.1.3): the last anneal_steps steps draw from a second task corpus of
@@ -81,7 +82,7 @@ class PretrainConfig:
 def corpus_documents(cfg: PretrainConfig) -> list[str]:
     docs: list[str] = []
     if cfg.task:
-        docs += pretrain_documents(get_task(cfg.task), cfg.n_docs, cfg.seed, cfg.mix)
+        docs += pretrain_documents(get_task(cfg.task, **cfg.task_options), cfg.n_docs, cfg.seed, cfg.mix)
     for f in cfg.data_files:
         docs += list(read_text_documents(f))
     random.Random(cfg.seed).shuffle(docs)
@@ -123,8 +124,9 @@ def pretrain(cfg: PretrainConfig) -> Path:
     train_starts = window_starts(train, tok.bos_id, cfg.seq_len)
     anneal, anneal_starts, anneal_from = train, train_starts, cfg.steps - cfg.anneal_steps
     if cfg.anneal_steps:
-        anneal = build_token_stream(pretrain_documents(get_task(cfg.task), cfg.anneal_docs, cfg.seed + 1,
-                                                       cfg.anneal_mix), tok, out_dir / "data", "anneal")
+        anneal_docs = pretrain_documents(get_task(cfg.task, **cfg.task_options), cfg.anneal_docs, cfg.seed + 1,
+                                         cfg.anneal_mix)
+        anneal = build_token_stream(anneal_docs, tok, out_dir / "data", "anneal")
         anneal_starts = window_starts(anneal, tok.bos_id, cfg.seq_len)
 
     def batch(step: int, micro: int):

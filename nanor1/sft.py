@@ -26,6 +26,7 @@ class SFTConfig:
     out_dir: str = "runs/sft"
     data: str = ""  # JSONL of {"messages": [...]}; empty: cold-start examples generated from `task`
     task: str = "chain_sum"
+    task_options: dict = field(default_factory=dict)
     n_examples: int = 2000
     max_len: int = 192
     batch_size: int = 32
@@ -56,7 +57,7 @@ def load_examples(cfg: SFTConfig) -> list[dict]:
         return read_sft_jsonl(cfg.data)
     from nanor1.corpus import sft_examples
     from nanor1.tasks import get_task
-    return sft_examples(get_task(cfg.task), cfg.n_examples, cfg.seed)
+    return sft_examples(get_task(cfg.task, **cfg.task_options), cfg.n_examples, cfg.seed)
 
 
 def sft(cfg: SFTConfig, model=None, tokenizer=None) -> Path:

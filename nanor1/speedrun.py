@@ -18,18 +18,23 @@ from nanor1.checkpoint import MANIFEST, verify_manifest
 from nanor1.common import NanoR1Error, atomic_write_json, read_json, tune_cpu
 from nanor1.speedrun_report import base_reasoning_markdown, write_speedrun_report
 from nanor1.templates import Template
+from nanor1.train import Optimizer
 
 
 @dataclass
 class SpeedrunConfig:
     out_dir: str = "runs/speedrun"
     task: str = "chain_sum"
+    # four 2-digit terms: a Muon-trained base sums six 1-digit terms directly (88-92% right), leaving R1-Zero no
+    # room; these it answers directly 7% of the time and by reasoning 96% (docs/speedrun.md, eighth calibration)
+    task_options: dict = dataclasses.field(default_factory=lambda: {"terms": 4, "digits": 2})
     seed: int = 0
     device: str = "auto"
     # sizes of each stage (the defaults fit ~15 minutes on a 2-core AVX-512/AMX CPU; see docs/speedrun.md)
     pretrain_steps: int = 450
     pretrain_docs: int = 40_000
     pretrain_lr: float = 5e-3
+    pretrain_optimizer: Optimizer = Optimizer.MUON  # AdamW's bases learned the chain on 1 seed of 4
     rl_steps: int = 40  # R1-Zero and the R1 RL stage take the same number of steps
     rl_prompts: int = 16
     rl_group: int = 8
@@ -97,14 +102,16 @@ class Speedrun:
             f"seed={c.seed}", f"device={c.device}", f"tokenizer={tok}", "ckpt_every=100", "log_every=10",
             f"stage={name}"])
         cfg.model_overrides = dict(model_overrides)
-        cfg.optim.lr = c.pretrain_lr
+        cfg.task_options = dict(c.task_options)
+        cfg.optim.lr, cfg.optim.optimizer = c.pretrain_lr, c.pretrain_optimizer
         cfg.resume = (self.out / name / "ckpt" / "latest").is_file()
         return pretrain(cfg)
 
     def grpo(self, name: str, start: Path, template: Template, steps: int, budget_s: float = 0.0) -> Path:
         from nanor1.grpo import GRPOConfig, grpo
         c = self.cfg
-        cfg = GRPOConfig(model=str(start), out_dir=str(self.out / name), task=c.task, template=template,
+        cfg = GRPOConfig(model=str(start), out_dir=str(self.out / name), task=c.task,
+                         task_options=dict(c.task_options), template=template,
                          steps=steps, prompts_per_step=c.rl_prompts, group_size=c.rl_group,
                          max_new_tokens=c.max_new_tokens, seed=c.seed, device=c.device, stage=name,
                          ckpt_every=10, sample_every=5, time_budget_s=budget_s)
@@ -117,6 +124,7 @@ class Speedrun:
         c = self.cfg
         n = sum(1 for line in open(data) if line.strip()) if data else n_examples
         cfg = SFTConfig(model=str(start), out_dir=str(self.out / name), data=data, task=c.task,
+                        task_options=dict(c.task_options),
                         n_examples=n_examples, steps=steps, seed=c.seed, device=c.device, stage=name,
                         max_len=160, ckpt_every=50, batch_size=min(32, n))
         cfg.resume = (self.out / name / "ckpt" / "latest").is_file()
@@ -126,7 +134,8 @@ class Speedrun:
         from nanor1.rejection import RejectionConfig, rejection_sample
         c = self.cfg
         out = self.out / name / "data.jsonl"
-        rejection_sample(RejectionConfig(model=str(model), out=str(out), task=c.task, n_problems=n_problems,
+        rejection_sample(RejectionConfig(model=str(model), out=str(out), task=c.task,
+                                         task_options=dict(c.task_options), n_problems=n_problems,
                                          k=c.rs_k, max_new_tokens=c.max_new_tokens, seed=c.seed, device=c.device))
         from nanor1.checkpoint import write_manifest
         write_manifest(out.parent, "sft-data", config={"n_problems": n_problems, "k": c.rs_k}, parent=model)
@@ -136,7 +145,8 @@ class Speedrun:
         from nanor1.evaluate import EvalConfig, evaluate
         c = self.cfg
         folder = self.out / "eval" / name
-        cfg = EvalConfig(model=str(model), tasks=[c.task], n_problems=c.eval_problems, k=c.eval_k,
+        cfg = EvalConfig(model=str(model), tasks=[c.task], task_options={c.task: dict(c.task_options)},
+                         n_problems=c.eval_problems, k=c.eval_k,
                          template=template, max_new_tokens=c.max_new_tokens, seed=c.seed, device=c.device,
                          out_dir=str(folder))
         evaluate(cfg)

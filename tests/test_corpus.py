@@ -33,8 +33,8 @@ def _question(doc: str) -> str | None:
 
 def test_default_mix_counts_are_exact():
     docs = pretrain_documents(TASK, 1000, seed=0)
-    assert Counter(map(_kind, docs)) == {"direct": 300, "worked": 250, "tagged_direct": 100,
-                                         "tagged_reasoning": 100, "facts": 250}
+    assert Counter(map(_kind, docs)) == {"direct": 300, "worked": 250, "tagged_direct": 150,
+                                         "tagged_reasoning": 50, "facts": 250}
     custom = pretrain_documents(TASK, 10, 0, CorpusMix(direct=1, worked=0, tagged_direct=1, tagged_reasoning=0,
                                                        facts=0))
     assert Counter(map(_kind, custom)) == {"direct": 5, "tagged_direct": 5}
@@ -104,3 +104,15 @@ def test_sft_examples_are_chat_messages_with_correct_tagged_answers():
 def test_tokenizer_training_texts_include_chat_renders():
     texts = tokenizer_training_texts(TASK, 100, 0)
     assert len(texts) == 110 and sum(t.startswith("<|user|>") and t.endswith("<|eos|>") for t in texts) == 10
+
+
+def test_task_options_reach_the_pretraining_corpus_and_the_cold_start():
+    """pretrain and sft take task_options like grpo and eval do, so a speedrun on `chain_sum` with 3 terms
+    pretrains, cold-starts, trains and evaluates on 3 terms everywhere."""
+    from nanor1.pretrain import PretrainConfig, corpus_documents
+    from nanor1.sft import SFTConfig, load_examples
+    docs = corpus_documents(PretrainConfig(n_docs=40, task_options={"terms": 3}))
+    questions = [_question(d) for d in docs if _kind(d) != "facts"]
+    assert questions and all(q.count("+") == 2 for q in questions)
+    examples = load_examples(SFTConfig(model="unused", n_examples=5, task_options={"terms": 3}))
+    assert all(_question(ex["messages"][0]["content"]).count("+") == 2 for ex in examples)
