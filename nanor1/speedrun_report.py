@@ -88,7 +88,7 @@ def findings(out: Path, task: str) -> list[dict]:
         rows.append({"finding": "distilling R1 beats RL on the same small student, same compute",
                      "measured": f"distilled {_pct(a)} vs RL {_pct(b)}; difference {100 * d['value']:+.1f} pts "
                                  f"[{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]",
-                     "target": "distilled > RL", "holds": d["value"] > 0})
+                     "target": "distilled > RL", "holds": d["value"] > 0, "within_noise": d["lo"] <= 0 <= d["hi"]})
     s_base = _eval(out, "student-base")
     if s_dist and s_base:
         a, b = _metric(s_dist, task, "lenient", "pass@1"), _metric(s_base, task, "lenient", "pass@1")
@@ -96,7 +96,7 @@ def findings(out: Path, task: str) -> list[dict]:
         rows.append({"finding": "the distilled student beats its own base",
                      "measured": f"distilled {_pct(a)} vs base {_pct(b)}; difference {100 * d['value']:+.1f} pts "
                                  f"[{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]",
-                     "target": "distilled > base", "holds": d["value"] > 0})
+                     "target": "distilled > base", "holds": d["value"] > 0, "within_noise": d["lo"] <= 0 <= d["hi"]})
     return rows
 
 
@@ -131,12 +131,16 @@ def verification_markdown(out: Path) -> str:
             f"{v['links']} parent/input links checked.\n\nLineage of the distilled student: {chain}\n")
 
 
+def _verdict(row: dict) -> str:
+    """yes / **no**, and whether the difference's 95% interval includes zero (then neither is established)."""
+    return ("yes" if row["holds"] else "**no**") + (" (within noise)" if row.get("within_noise") else "")
+
+
 def findings_markdown(rows: list[dict]) -> str:
     lines = ["Each row is measured by this run on held-out problems (95% intervals). A row that does not hold "
              "is reported as such, not hidden.", "",
              "| finding | measured | target | holds |", "|---|---|---|---|"]
-    lines += [f"| {r['finding']} | {r['measured']} | {r['target']} | {'yes' if r['holds'] else '**no**'} |"
-              for r in rows]
+    lines += [f"| {r['finding']} | {r['measured']} | {r['target']} | {_verdict(r)} |" for r in rows]
     return "\n".join(lines) + "\n"
 
 

@@ -89,3 +89,13 @@ def test_stage_weights_give_an_eta_that_follows_the_measured_times():
     assert longer["base"] == pytest.approx(2 * weights["base"])
     assert longer["r1zero"] == pytest.approx(2 * weights["r1zero"])
     assert longer["eval-base"] == weights["eval-base"]
+
+
+def test_a_difference_whose_interval_includes_zero_is_marked_within_noise():
+    from nanor1.speedrun_report import findings_markdown
+    rows = [{"finding": "a", "measured": "+0.5 [-0.2, +1.2]", "target": "> 0", "holds": True, "within_noise": True},
+            {"finding": "b", "measured": "+4.8 [+2.1, +7.4]", "target": "> 0", "holds": True, "within_noise": False},
+            {"finding": "c", "measured": "-0.1 [-0.9, +0.6]", "target": "> 0", "holds": False, "within_noise": True},
+            {"finding": "d", "measured": "1 vs 2", "target": ">=", "holds": False}]
+    verdicts = [line.rsplit("|", 2)[1].strip() for line in findings_markdown(rows).splitlines()[-4:]]
+    assert verdicts == ["yes (within noise)", "yes", "**no** (within noise)", "**no**"]
