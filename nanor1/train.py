@@ -2,7 +2,8 @@
 
 AdamW (or Muon for the matrices) with warmup + cosine or WSD decay, gradient accumulation, clipping, bf16
 autocast, MoE bias updates, progress bar (loss, tokens/s, MFU, ETA), metrics.jsonl, periodic held-out loss,
-atomic checkpoints and an exact `--resume`: batches are a pure function of (seed, step), and optimizer and RNG state are restored.
+atomic checkpoints and an exact `--resume`: batches are a pure function of (seed, step), and optimizer and RNG
+state are restored.
 """
 
 from __future__ import annotations

@@ -28,8 +28,9 @@ def _run(tmp_path, steps, resume=False, crash_at=None, grad_accum=1, batch=8, op
         return x[micro * per:(micro + 1) * per], y[micro * per:(micro + 1) * per]
 
     loop = LoopConfig(steps=steps, grad_accum=grad_accum, log_every=1, ckpt_every=3)
-    train_loop(model, batches, loop, OptimConfig(optimizer=optimizer, lr=1e-3, warmup_steps=2), tmp_path, device=torch.device("cpu"),
-               dtype=torch.float32, stage="test", resume=resume, show_progress=False)
+    optim = OptimConfig(optimizer=optimizer, lr=1e-3, warmup_steps=2)
+    train_loop(model, batches, loop, optim, tmp_path, device=torch.device("cpu"), dtype=torch.float32,
+               stage="test", resume=resume, show_progress=False)
     return model
 
 
