@@ -95,7 +95,8 @@ def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opti
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else model.lm_head
         io = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) or m is head for p in m.parameters()}
         muon = [p for p in params if p.dim() >= 2 and id(p) not in io]
-    rest = [p for p in params if id(p) not in {id(q) for q in muon}]
+    on_muon = {id(p) for p in muon}
+    rest = [p for p in params if id(p) not in on_muon]
     groups = [{"params": [p for p in rest if p.dim() >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}]
     adamw = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=False)
