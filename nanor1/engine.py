@@ -72,6 +72,14 @@ class Backend(Protocol):
     def release(self, slot: int) -> None: ...
 
 
+def distinct_prompts(prompts: list[list[int]]) -> tuple[list[list[int]], torch.Tensor]:
+    """The distinct prompts in first-seen order, and for each prompt the index of its distinct copy: a GRPO
+    group's G rows share one prompt, which prefill then runs once and copies."""
+    index: dict[tuple[int, ...], int] = {}
+    inverse = [index.setdefault(tuple(p), len(index)) for p in prompts]
+    return [list(k) for k in index], torch.tensor(inverse)
+
+
 class ModelBackend:
     """A nanor1 Transformer with its MLA latent cache: any request may join at any step."""
     continuous = True
@@ -90,14 +98,19 @@ class ModelBackend:
         return torch.tensor(slots, device=self.device)
 
     def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
-        T = max(len(p) for p in prompts)
-        idx = torch.zeros(len(prompts), T, dtype=torch.long)
-        for i, p in enumerate(prompts):
+        distinct, inverse = distinct_prompts(prompts)
+        first = [slots[int((inverse == u).nonzero()[0])] for u in range(len(distinct))]  # where each runs
+        T = max(len(p) for p in distinct)
+        idx = torch.zeros(len(distinct), T, dtype=torch.long)
+        for i, p in enumerate(distinct):
             idx[i, : len(p)] = torch.tensor(p)
+        logits = self.model.prefill(idx.to(self.device), self.cache, self._slots(first))
+        slot_t, src = torch.tensor(slots, device=self.device), torch.tensor(first, device=self.device)[inverse]
+        if len(distinct) < len(prompts):  # the repeats copy the latents of their prompt's first row
+            self.cache.kv[:, slot_t, :T] = self.cache.kv[:, src, :T]
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-        logits = self.model.prefill(idx.to(self.device), self.cache, self._slots(slots))
-        self.cache.lengths[torch.tensor(slots, device=self.device)] = lengths
-        return logits[torch.arange(len(prompts), device=self.device), lengths - 1]
+        self.cache.lengths[slot_t] = lengths
+        return logits[inverse.to(self.device), lengths - 1]
 
     def decode(self, tokens: torch.Tensor, slots: list[int]) -> torch.Tensor:
         slot_t = torch.tensor(slots, device=self.device)

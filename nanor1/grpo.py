@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -41,7 +41,7 @@ class GRPOConfig:
     temperature: float = 1.0  # rollout temperature; log-probs use the same one so the ratio starts at 1
     top_p: float = 1.0
     mu: int = 1  # policy updates per batch of rollouts (1 = strictly on-policy)
-    micro_batch: int = 64  # sequences per forward/backward
+    micro_batch: int = 64  # sequences per forward/backward, rounded down to whole groups (at least one)
     loss: GRPOLossConfig = field(default_factory=lambda: GRPOLossConfig(beta=0.0))
     rewards: RewardConfig = field(default_factory=RewardConfig)
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal (they carry no signal)
@@ -80,27 +80,30 @@ class GRPOConfig:
 
 @dataclass
 class Rollouts:
-    inputs: torch.Tensor  # (N, L-1) prompt + completion, right-padded
-    targets: torch.Tensor  # (N, L-1) next tokens
-    mask: torch.Tensor  # (N, L-1) True on completion tokens that take loss
-    attention: torch.Tensor  # (N, L-1) True on real tokens
+    """A step's samples: n prompts, each continued by G completions (completion i continues prompt i // G)."""
+    prompts: torch.Tensor  # (n, P) right-padded
+    prompt_lens: torch.Tensor  # (n,)
+    targets: torch.Tensor  # (N, C) completion tokens + stop token, right-padded; the policy scores these
+    mask: torch.Tensor  # (N, C) True on tokens that take loss
+    real: torch.Tensor  # (N, C) True on real tokens
     rewards: dict[str, list[float]]
     completions: list[Completion]
 
 
 def build_batch(prompts: list[list[int]], comps: list[Completion], pad_id: int, overlong_filter: bool):
-    """Token tensors for the policy forward: each row is prompt + completion (+ its stop token)."""
-    seqs = [p + c.ids + ([c.stop_token_id] if c.stop_token_id is not None else []) for p, c in zip(prompts, comps)]
-    L = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), L), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), L, dtype=torch.bool)
-    attention = torch.zeros(len(seqs), L, dtype=torch.bool)
-    for i, (p, s, c) in enumerate(zip(prompts, seqs, comps)):
-        ids[i, : len(s)] = torch.tensor(s)
-        attention[i, : len(s)] = True
-        if not (overlong_filter and c.finish_reason == "length"):
-            mask[i, len(p): len(s)] = True
-    return ids[:, :-1], ids[:, 1:], mask[:, 1:], attention[:, :-1]
+    """Token tensors for the policy forward: the n prompts once, and each completion with its stop token."""
+    seqs = [c.ids + ([c.stop_token_id] if c.stop_token_id is not None else []) for c in comps]
+    P, C = max(len(p) for p in prompts), max(1, max(len(s) for s in seqs))
+    prompt_ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        prompt_ids[i, : len(p)] = torch.tensor(p)
+    targets = torch.full((len(seqs), C), pad_id, dtype=torch.long)
+    real = torch.zeros(len(seqs), C, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        targets[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        real[i, : len(s)] = True
+    drop = torch.tensor([overlong_filter and c.finish_reason == "length" for c in comps])
+    return prompt_ids, torch.tensor([len(p) for p in prompts]), targets, real & ~drop[:, None], real
 
 
 def rollout(policy, engine, task, problems, cfg: GRPOConfig, step: int):
@@ -112,24 +115,27 @@ def rollout(policy, engine, task, problems, cfg: GRPOConfig, step: int):
         raise NanoR1Error(f"a prompt of {longest} tokens + max_new_tokens {cfg.max_new_tokens} exceeds the "
                           f"model's context of {policy.max_seq_len}; lower max_new_tokens or use shorter prompts")
     G = cfg.group_size
-    prompts_g = [p for p in prompts for _ in range(G)]
+    prompts_g = [p for p in prompts for _ in range(G)]  # the engine samples each row; the update shares prompts
     params = [SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                              seed=hash((cfg.seed, step, i)) & (2 ** 62 - 1)) for i in range(len(prompts_g))]
     comps = engine.generate(prompts_g, params)
     problems_g = [p for p in problems for _ in range(G)]
     rewards = compute_rewards([c.text for c in comps], problems_g, task, cfg.rewards,
                               n_tokens=[len(c.ids) for c in comps])
-    x, y, mask, att = build_batch(prompts_g, comps, tok.pad_id or 0, cfg.overlong_filter)
-    return Rollouts(x, y, mask, att, rewards, comps)
+    return Rollouts(*build_batch(prompts, comps, tok.pad_id or 0, cfg.overlong_filter), rewards, comps)
 
 
 # ----------------------------------------------------------------------------- the loop
 
-def _logp(policy, x, y, att, temperature, device, dtype, want_logits=False):
+def _logp(policy, ro: Rollouts, prompts: slice, seqs: slice, temperature, device, dtype):
+    """Log-probs (and logits) of the completions `seqs`, which continue `prompts`, each prompt run once."""
+    lens, real = ro.prompt_lens[prompts], ro.real[seqs]
+    C = max(1, int(real.sum(1).max()))
+    y = ro.targets[seqs, :C].to(device)
     with autocast(device, dtype):
-        logits = policy.logits(x.to(device), att.to(device))
-    logp = gather_logprobs(logits, y.to(device), temperature=temperature)
-    return (logp, logits) if want_logits else logp
+        logits = policy.continuation_logits(ro.prompts[prompts, : int(lens.max())].to(device), lens.to(device),
+                                            y[:, :-1], real[:, : C - 1].to(device))
+    return gather_logprobs(logits, y, temperature=temperature), logits
 
 
 def grpo(cfg: GRPOConfig, policy=None) -> Path:
@@ -148,6 +154,7 @@ def grpo(cfg: GRPOConfig, policy=None) -> Path:
     task = get_task(cfg.task, **cfg.task_options)
     model = policy.model
     ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.loss.needs_ref else None
+    ref_policy = replace(policy, model=ref)
     if ref is not None and resume_from is not None:
         ref.load_state_dict(load_policy(cfg.model, device).model.state_dict())
     optimizer = make_optimizer(model, cfg.optim)
@@ -180,28 +187,25 @@ def grpo(cfg: GRPOConfig, policy=None) -> Path:
         # one update per mu: old log-probs are the rollout policy's, recomputed in training numerics
         t1 = time.perf_counter()
         model.train()
-        chunks = [slice(i, i + cfg.micro_batch) for i in range(0, n_seq, cfg.micro_batch)]
+        per_chunk = max(1, cfg.micro_batch // G)  # whole groups: a group's completions share their prompt
+        chunks = [(slice(i, i + per_chunk), slice(i * G, (i + per_chunk) * G))
+                  for i in range(0, cfg.prompts_per_step, per_chunk)]
         old, refs = [None] * len(chunks), [None] * len(chunks)
         with torch.no_grad():
-            for j, sl in enumerate(chunks):
+            for j, (ps, sl) in enumerate(chunks):
                 if cfg.mu > 1:
-                    old[j] = _logp(policy, ro.inputs[sl], ro.targets[sl], ro.attention[sl], cfg.temperature,
-                                   device, dtype)
+                    old[j] = _logp(policy, ro, ps, sl, cfg.temperature, device, dtype)[0]
                 if ref is not None:
-                    with autocast(device, dtype):
-                        ref_logits = ref(ro.inputs[sl].to(device)).logits if policy.kind == "nanor1" else \
-                            ref(input_ids=ro.inputs[sl].to(device), attention_mask=ro.attention[sl].to(device)).logits
-                    refs[j] = gather_logprobs(ref_logits, ro.targets[sl].to(device), temperature=cfg.temperature)
+                    refs[j] = _logp(ref_policy, ro, ps, sl, cfg.temperature, device, dtype)[0]
         lr = lr_at(step, cfg.steps, cfg.optim)
         for g in optimizer.param_groups:
             g["lr"] = lr
         n_tokens = int(mask.sum())
         stats_acc: dict[str, float] = {}
         for _ in range(cfg.mu):
-            for j, sl in enumerate(chunks):
-                logp, logits = _logp(policy, ro.inputs[sl], ro.targets[sl], ro.attention[sl], cfg.temperature,
-                                     device, dtype, want_logits=True)
-                m = mask[sl].to(device)
+            for j, (ps, sl) in enumerate(chunks):
+                logp, logits = _logp(policy, ro, ps, sl, cfg.temperature, device, dtype)
+                m = mask[sl, : logp.shape[1]].to(device)
                 loss, stats = policy_loss(logp, old[j] if old[j] is not None else logp.detach(), adv[sl].to(device),
                                           m, eps_low=cfg.loss.eps_low, eps_high=cfg.loss.eps_high, ref_logp=refs[j],
                                           beta=cfg.loss.beta, loss_agg=cfg.loss.loss_agg,
@@ -231,7 +235,8 @@ def grpo(cfg: GRPOConfig, policy=None) -> Path:
                "accuracy": sum(ro.rewards["accuracy"]) / n_seq, "format": sum(ro.rewards["format"]) / n_seq,
                "response_len": sum(lens) / n_seq, "zero_std_frac": zero_frac,
                "truncated_frac": sum(c.finish_reason == "length" for c in ro.completions) / n_seq,
-               "rollout_tokens_per_s": sum(lens) / t_roll, "train_tokens_per_s": int(ro.attention.sum()) / t_train,
+               "rollout_tokens_per_s": sum(lens) / t_roll,
+               "train_tokens_per_s": (int(ro.prompt_lens.sum()) + int(ro.real.sum())) / t_train,
                "rollout_s": t_roll, "train_s": t_train, **stats_acc}
         log.log(**row)
         if (step + 1) % cfg.sample_every == 0 or step == start:

@@ -18,6 +18,11 @@ from nanor1.common import NanoR1Error
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
+def _cache_kw(model) -> str:
+    # transformers 5.x renamed `past_key_values` to `cache` model by model; use whichever this one takes
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class HFBackend:
     """A transformers causal LM behind the engine's Backend protocol.
 
@@ -35,10 +40,8 @@ class HFBackend:
         self.max_seq_len = min(max_seq_len or limit, limit)
         self.pad_id = pad_id
         self.device = next(model.parameters()).device
-        params = inspect.signature(model.forward).parameters
-        # transformers 5.x renamed `past_key_values` to `cache` model by model; use whichever this one takes
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
-        self._keep_last = "logits_to_keep" in params
+        self._cache_kw = _cache_kw(model)
+        self._keep_last = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._reset()
 
     def _reset(self) -> None:
@@ -59,21 +62,28 @@ class HFBackend:
         from transformers import DynamicCache
         if self.live:
             raise RuntimeError("HFBackend.prefill while a wave is running; the engine must wait (continuous=False)")
+        from nanor1.engine import distinct_prompts
         self._reset()
-        B, T = len(prompts), max(len(p) for p in prompts)
+        distinct, inverse = distinct_prompts(prompts)  # a GRPO group's rows share one prompt: run it once
+        B, T = len(distinct), max(len(p) for p in distinct)
         idx = torch.full((B, T), self.pad_id, dtype=torch.long)
         mask = torch.zeros(B, T, dtype=torch.long)
-        for i, p in enumerate(prompts):  # left padding: every row's last prompt token sits at column T-1
+        for i, p in enumerate(distinct):  # left padding: every row's last prompt token sits at column T-1
             idx[i, T - len(p):] = torch.tensor(p)
             mask[i, T - len(p):] = 1
         # positions count real tokens only, as transformers' generate() does; pads get 0 (masked anyway)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         self.mask = mask.to(self.device)
         self.cache = DynamicCache(config=self.model.config)
+        logits = self._forward(idx.to(self.device), positions.to(self.device))
+        inverse = inverse.to(self.device)
+        if B < len(prompts):
+            self.cache.batch_select_indices(inverse)
+            self.mask = self.mask[inverse]
         self.rows = {s: i for i, s in enumerate(slots)}
         self.live = set(slots)
         self.positions = torch.tensor([len(p) for p in prompts], device=self.device)
-        return self._forward(idx.to(self.device), positions.to(self.device))
+        return logits[inverse]
 
     def decode(self, tokens: torch.Tensor, slots: list[int]) -> torch.Tensor:
         B = len(self.rows)
@@ -91,6 +101,29 @@ class HFBackend:
         self.live.discard(slot)
         if not self.live:
             self._reset()  # drop the wave's cache at once; the next prefill starts a new one
+
+
+def shared_prompt_logits(model, prompts: torch.Tensor, prompt_lens: torch.Tensor, inputs: torch.Tensor,
+                         attention: torch.Tensor) -> torch.Tensor:
+    """`Transformer.forward_shared_prompts` for a transformers causal LM: the n right-padded prompts run once
+    into a DynamicCache, which is repeated G times (keeping the autograd graph) for the continuations to attend
+    to; attention: (B, T) True on the continuations' real tokens. Returns (B, T + 1, V) logits."""
+    from transformers import DynamicCache
+    n, P = prompts.shape
+    B, T = inputs.shape
+    g = B // n
+    cache_kw = _cache_kw(model)
+    keep = torch.arange(P, device=prompts.device)[None, :] < prompt_lens[:, None]
+    cache = DynamicCache(config=model.config)
+    out = model(input_ids=prompts, attention_mask=keep.long(), use_cache=True, **{cache_kw: cache})
+    first = out.logits[torch.arange(n, device=prompts.device), prompt_lens - 1].repeat_interleave(g, 0)[:, None]
+    if T == 0:
+        return first
+    cache.batch_repeat_interleave(g)
+    mask = torch.cat((keep.repeat_interleave(g, 0), attention.bool()), dim=1).long()
+    pos = prompt_lens.repeat_interleave(g, 0)[:, None] + torch.arange(T, device=inputs.device)
+    out = model(input_ids=inputs, attention_mask=mask, position_ids=pos, use_cache=True, **{cache_kw: cache})
+    return torch.cat((first, out.logits), dim=1)
 
 
 # ----------------------------------------------------------------------------- files

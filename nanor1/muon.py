@@ -47,18 +47,29 @@ class Muon(torch.optim.Optimizer):
     def step(self, closure=None):
         for group in self.param_groups:
             lr, m = group["lr"], group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - m)
-                update = p.grad.lerp(buf, m) if group["nesterov"] else buf
-                update = orthogonalize(update, group["ns_steps"], group["eps"])
-                p.mul_(1 - lr * group["weight_decay"])
-                p.add_(update.to(p.dtype), alpha=-lr * 0.2 * math.sqrt(max(p.shape[-2:])))
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
+            torch._foreach_lerp_(bufs, grads, 1 - m)
+            updates = torch._foreach_lerp(grads, bufs, m) if group["nesterov"] else bufs
+            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+            # matrices of one shape are orthogonalised as one batch: a small model has dozens of them, and one
+            # batched iteration costs about what one matrix's does
+            by_shape: dict[tuple[int, int], list[int]] = {}
+            for i, p in enumerate(params):
+                by_shape.setdefault(tuple(p.shape[-2:]), []).append(i)
+            for shape, idx in by_shape.items():
+                stack = torch.cat([updates[i].reshape(-1, *shape) for i in idx])
+                ortho = orthogonalize(stack, group["ns_steps"], group["eps"]).split(
+                    [params[i].numel() // (shape[0] * shape[1]) for i in idx])
+                for i, o in zip(idx, ortho):
+                    params[i].add_(o.view_as(params[i]).to(params[i].dtype),
+                                   alpha=-lr * 0.2 * math.sqrt(max(shape)))
 
 
 class Optimizers:

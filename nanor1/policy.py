@@ -60,6 +60,15 @@ class Policy:
             return self.model(idx).logits
         return self.model(input_ids=idx, attention_mask=attention_mask).logits
 
+    def continuation_logits(self, prompts: torch.Tensor, prompt_lens: torch.Tensor, inputs: torch.Tensor,
+                            attention: torch.Tensor) -> torch.Tensor:
+        """(B, T + 1, V) logits for G = B // n right-padded continuations (B, T) of each of n right-padded prompts
+        (n, P), each prompt run once; attention: (B, T) True on real continuation tokens."""
+        if self.kind == "nanor1":
+            return self.model.forward_shared_prompts(prompts, prompt_lens, inputs)
+        from nanor1.hf_backend import shared_prompt_logits
+        return shared_prompt_logits(self.model, prompts, prompt_lens, inputs, attention)
+
     def engine(self, max_batch: int = 64, max_seq_len: int | None = None, seed: int = 0) -> Engine:
         if self.kind == "nanor1":
             return Engine(self.model, self.tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, seed=seed)

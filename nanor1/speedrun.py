@@ -45,11 +45,18 @@ class SpeedrunConfig:
     rs_problems: int = 300
     rs_k: int = 4
     rs_sft_steps: int = 40
+    # the student is dense and has no MTP module, like R1's Qwen and Llama students; its 150 pretraining steps
+    # teach it the corpus but not 2-digit addition (0.5%), which it learns only from R1's traces
     student_dim: int = 128
     student_layers: int = 2
     student_pretrain_steps: int = 150
-    distill_problems: int = 600
-    distill_steps: int = 60
+    distill_problems: int = 2000  # one trace each: R1 samples nearly the same right trace every time
+    distill_k: int = 1
+    # 600 distillation steps on these traces gave the student 19%, 1200 98% (docs/speedrun.md, ninth calibration);
+    # Muon at the pretraining rate reaches in 600 steps what AdamW at 1e-3 reached in 1500
+    distill_steps: int = 1200
+    distill_lr: float = 5e-3
+    distill_optimizer: Optimizer = Optimizer.MUON
     eval_problems: int = 200
     eval_k: int = 4
 
@@ -119,7 +126,8 @@ class Speedrun:
         cfg.resume = (self.out / name / "ckpt" / "latest").is_file()
         return grpo(cfg)
 
-    def sft(self, name: str, start: Path, steps: int, data: str = "", n_examples: int = 1000) -> Path:
+    def sft(self, name: str, start: Path, steps: int, data: str = "", n_examples: int = 1000,
+            optimizer: Optimizer = Optimizer.ADAMW, lr: float = 0.0) -> Path:
         from nanor1.sft import SFTConfig, sft
         c = self.cfg
         n = sum(1 for line in open(data) if line.strip()) if data else n_examples
@@ -127,18 +135,19 @@ class Speedrun:
                         task_options=dict(c.task_options),
                         n_examples=n_examples, steps=steps, seed=c.seed, device=c.device, stage=name,
                         max_len=160, ckpt_every=50, batch_size=min(32, n))
+        cfg.optim.optimizer, cfg.optim.lr = optimizer, lr or cfg.optim.lr
         cfg.resume = (self.out / name / "ckpt" / "latest").is_file()
         return sft(cfg)
 
-    def rejection(self, name: str, model: Path, n_problems: int) -> Path:
+    def rejection(self, name: str, model: Path, n_problems: int, k: int) -> Path:
         from nanor1.rejection import RejectionConfig, rejection_sample
         c = self.cfg
         out = self.out / name / "data.jsonl"
         rejection_sample(RejectionConfig(model=str(model), out=str(out), task=c.task,
                                          task_options=dict(c.task_options), n_problems=n_problems,
-                                         k=c.rs_k, max_new_tokens=c.max_new_tokens, seed=c.seed, device=c.device))
+                                         k=k, max_new_tokens=c.max_new_tokens, seed=c.seed, device=c.device))
         from nanor1.checkpoint import write_manifest
-        write_manifest(out.parent, "sft-data", config={"n_problems": n_problems, "k": c.rs_k}, parent=model)
+        write_manifest(out.parent, "sft-data", config={"n_problems": n_problems, "k": k}, parent=model)
         return out.parent
 
     def evaluate(self, name: str, model: Path, template: Template) -> Path:
@@ -157,42 +166,44 @@ class Speedrun:
     # ------------------------------------------------------------------ the plan
     def stages(self) -> list[Stage]:
         """The 14 stages in order. Each weight is the stage's expected seconds on the development machine,
-        scaled by its size (runs/sr7 with the defaults: pretraining 0.95 s/step, R1-Zero 2.5 s/step, one
-        evaluation of 200 x 4 samples 15 s, ...), so the overall ETA stays right when sizes are overridden."""
+        scaled by its size (runs/sr15 with the defaults: pretraining 0.87 s/step, R1-Zero 1.66 s/step, one
+        evaluation of 200 x 4 samples 10 s, ...), so the overall ETA stays right when sizes are overridden."""
         c, f = self.cfg, self.final
         Z, C = Template.R1_ZERO, Template.CHAT
-        eval_w = 15.0 * c.eval_problems * c.eval_k / 800
+        eval_w = 10.0 * c.eval_problems * c.eval_k / 800
         return [
             Stage("base", "pretrain the base model", lambda: self.pretrain("base", c.pretrain_steps),
-                  0.95 * c.pretrain_steps),
+                  0.87 * c.pretrain_steps),
             Stage("eval-base", "evaluate the base", lambda: self.evaluate("base", f("base"), Z), eval_w),
             Stage("r1zero", "R1-Zero: GRPO from the base", lambda: self.grpo("r1zero", f("base"), Z, c.rl_steps),
-                  2.5 * c.rl_steps),
+                  1.66 * c.rl_steps),
             Stage("eval-r1zero", "evaluate R1-Zero", lambda: self.evaluate("r1zero", f("r1zero"), Z), eval_w),
             Stage("r1-cold", "R1: cold-start SFT", lambda: self.sft("r1-cold", f("base"), c.cold_start_steps,
                                                                    n_examples=c.cold_start_examples),
-                  0.3 * c.cold_start_steps),
+                  0.24 * c.cold_start_steps),
             Stage("r1-rl", "R1: GRPO after the cold start", lambda: self.grpo("r1-rl", f("r1-cold"), C, c.rl_steps),
-                  1.8 * c.rl_steps),
-            Stage("r1-rs", "R1: rejection sampling", lambda: self.rejection("r1-rs", f("r1-rl"), c.rs_problems),
-                  8.0 * c.rs_problems * c.rs_k / 1200),
+                  1.35 * c.rl_steps),
+            Stage("r1-rs", "R1: rejection sampling", lambda: self.rejection("r1-rs", f("r1-rl"), c.rs_problems, c.rs_k),
+                  7.0 * c.rs_problems * c.rs_k / 1200),
             Stage("r1", "R1: SFT on the rejection-sampled data",
                   lambda: self.sft("r1", f("r1-rl"), c.rs_sft_steps, data=str(self.out / "r1-rs" / "data.jsonl")),
-                  0.28 * c.rs_sft_steps),
+                  0.24 * c.rs_sft_steps),
             Stage("eval-r1", "evaluate R1", lambda: self.evaluate("r1", f("r1"), C), eval_w),
             Stage("student-base", "pretrain the smaller student",
                   lambda: self.pretrain("student-base", c.student_pretrain_steps, dim=c.student_dim,
-                                        n_layers=c.student_layers), 0.46 * c.student_pretrain_steps),
+                                        n_layers=c.student_layers, n_dense_layers=c.student_layers, n_mtp_layers=0),
+                  0.24 * c.student_pretrain_steps),
             Stage("distill-traces", "R1 traces for distillation",
-                  lambda: self.rejection("distill-traces", f("r1"), c.distill_problems),
-                  18.0 * c.distill_problems / 600),
+                  lambda: self.rejection("distill-traces", f("r1"), c.distill_problems, c.distill_k),
+                  0.00625 * c.distill_problems * c.distill_k),
             Stage("student-distill", "distil R1 into the student",
                   lambda: self.sft("student-distill", f("student-base"), c.distill_steps,
-                                   data=str(self.out / "distill-traces" / "data.jsonl")), 0.15 * c.distill_steps),
+                                   data=str(self.out / "distill-traces" / "data.jsonl"),
+                                   optimizer=c.distill_optimizer, lr=c.distill_lr), 0.068 * c.distill_steps),
             Stage("student-rl", "the student by RL alone, same compute",
                   lambda: self.grpo("student-rl", f("student-base"), Z, 10 ** 6,
                                     budget_s=max(5.0, self.times.get("student-distill", 30.0))),
-                  0.15 * c.distill_steps),
+                  0.068 * c.distill_steps),
             Stage("eval-students", "evaluate both students", self._eval_students, 1.2 * eval_w),
         ]
 

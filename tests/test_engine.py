@@ -39,6 +39,19 @@ def test_same_seed_same_sample_whatever_the_batch(tiny_model):
     assert [o.ids for o in a] != [o.ids for o in c]
 
 
+def test_repeated_prompts_prefill_once_and_sample_as_alone(tiny_model):
+    """A GRPO group is one prompt G times: prefill runs it once and copies its cache rows, which must change
+    nothing: every row samples what it samples alone with its seed, and greedy rows equal recomputation."""
+    prompts = [PROMPTS[1], PROMPTS[0], PROMPTS[1], PROMPTS[1], PROMPTS[0]]
+    params = [SamplingParams(max_new_tokens=10, temperature=1.0, seed=s) for s in range(len(prompts))]
+    together = Engine(tiny_model, None, max_batch=8).generate(prompts, params)
+    alone = [Engine(tiny_model, None, max_batch=1).generate([p], [sp])[0] for p, sp in zip(prompts, params)]
+    assert [o.ids for o in together] == [o.ids for o in alone]
+    assert len({tuple(o.ids) for o in together}) > 2  # the copies did sample differently
+    greedy = Engine(tiny_model, None, max_batch=8).generate(prompts, SamplingParams(max_new_tokens=12, temperature=0))
+    assert all(o.ids == reference_greedy(tiny_model, p, 12) for p, o in zip(prompts, greedy))
+
+
 def test_top_k_beyond_the_vocabulary_keeps_every_token(tiny_model):
     """top_k = 10**30 (the serve fuzz test sent one) is top_k off, not an int64 overflow."""
     params = [SamplingParams(max_new_tokens=8, seed=s, top_k=k) for s, k in ((1, 0), (2, 0))]

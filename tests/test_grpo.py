@@ -79,11 +79,12 @@ def test_grpo_resume_after_checkpoint(base, tmp_path):
 
 def test_build_batch_masks_completion_and_stop_token():
     comps = [Completion([1, 2], [5, 6], "", "stop", [0.0, 0.0], stop_token_id=2),
-             Completion([1, 2, 3], [7], "", "length", [0.0])]
-    x, y, mask, att = build_batch([[1, 2], [1, 2, 3]], comps, pad_id=0, overlong_filter=True)
-    assert y[0].tolist() == [2, 5, 6, 2] and mask[0].tolist() == [False, True, True, True]
-    assert mask[1].tolist() == [False, False, False, False]  # truncated: filtered out
-    assert att[1].tolist() == [True, True, True, True] and y[1].tolist() == [2, 3, 7, 0]  # then padding
+             Completion([1, 2], [7], "", "length", [0.0])]
+    prompts, lens, y, mask, real = build_batch([[1, 2], [1, 2, 3]], comps, pad_id=0, overlong_filter=True)
+    assert prompts.tolist() == [[1, 2, 0], [1, 2, 3]] and lens.tolist() == [2, 3]
+    assert y[0].tolist() == [5, 6, 2] and mask[0].tolist() == [True, True, True]
+    assert mask[1].tolist() == [False, False, False]  # truncated: filtered out
+    assert real[1].tolist() == [True, False, False] and y[1].tolist() == [7, 0, 0]  # then padding
 
 
 def test_prompt_longer_than_context_is_clear(base, tmp_path):

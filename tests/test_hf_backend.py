@@ -96,6 +96,16 @@ def test_sampling_reproducible_by_seed_and_logprobs_are_model_logprobs(policy):
         assert torch.allclose(torch.tensor(o.logprobs), ref, atol=1e-4)
 
 
+def test_repeated_prompts_prefill_once_and_sample_as_alone(policy):
+    a, b = _prompts(policy)[:2]
+    prompts = [a, b, a, a, b]
+    params = [SamplingParams(max_new_tokens=8, temperature=1.0, seed=s) for s in range(len(prompts))]
+    together = policy.engine(max_batch=8).generate(prompts, params)
+    alone = [policy.engine(max_batch=1).generate([p], [sp])[0] for p, sp in zip(prompts, params)]
+    assert [o.ids for o in together] == [o.ids for o in alone]
+    assert len({tuple(o.ids) for o in together}) > 2
+
+
 def test_policy_logits_right_padded(policy):
     prompts = _prompts(policy)[:3]
     T = max(map(len, prompts))
@@ -106,6 +116,18 @@ def test_policy_logits_right_padded(policy):
         for i, p in enumerate(prompts):
             alone = policy.model(torch.tensor([p])).logits[0]
             assert (batch[i, :len(p)] - alone).abs().max() < 1e-4
+
+
+def test_shared_prompt_logits_equal_full_sequences(policy):
+    """The HF path of GRPO's shared-prompt update (a DynamicCache repeated per group) against whole rows."""
+    from test_model import _shared_prompt_batch
+    prompts, comps, prompt_ids, lens, targets, real = _shared_prompt_batch(policy.tokenizer.vocab_size)
+    with torch.no_grad():
+        logits = policy.continuation_logits(prompt_ids, lens, targets[:, :-1], real[:, :-1])
+        for b, c in enumerate(comps):
+            p = prompts[b // 3]
+            full = policy.model(torch.tensor([p + c[:-1]])).logits[0, len(p) - 1:]
+            assert (logits[b, : len(c)] - full).abs().max() < 1e-4, b
 
 
 def test_save_reload_with_train_state(llama_dir, tmp_path):

@@ -178,6 +178,43 @@ def test_ignored_targets_take_no_loss(tiny_model):
     assert torch.allclose(out.lm_loss, -logp, atol=1e-5)
 
 
+def _shared_prompt_batch(vocab: int, G: int = 3):
+    """Two right-padded prompts (5 and 3 tokens), each continued by G right-padded completions of 1-4 tokens."""
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, vocab, (5,), generator=g).tolist(), torch.randint(1, vocab, (3,), generator=g).tolist()]
+    comps = [torch.randint(1, vocab, (1 + (b * 5) % 4,), generator=g).tolist() for b in range(2 * G)]
+    P, C = max(map(len, prompts)), max(map(len, comps))
+    prompt_ids = torch.tensor([p + [0] * (P - len(p)) for p in prompts])
+    targets = torch.tensor([c + [0] * (C - len(c)) for c in comps])
+    real = torch.tensor([[t < len(c) for t in range(C)] for c in comps])
+    return prompts, comps, prompt_ids, torch.tensor([5, 3]), targets, real
+
+
+def test_shared_prompt_logits_equal_full_sequences():
+    """GRPO's update runs each prompt once for its group: the completions' log-probs and their gradients must be
+    what a forward over each whole prompt + completion row gives."""
+    from nanor1.model import ModelConfig, Transformer
+    model = Transformer(ModelConfig.preset("tiny")).init_weights(0).double()
+    prompts, comps, prompt_ids, lens, targets, real = _shared_prompt_batch(model.cfg.vocab_size)
+    logits = model.forward_shared_prompts(prompt_ids, lens, targets[:, :-1])
+    logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
+    (logp * real).sum().backward()
+    shared_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    total = 0.0
+    for b, c in enumerate(comps):
+        p = prompts[b // 3]
+        full = torch.log_softmax(model(torch.tensor([p + c[:-1]])).logits[0, len(p) - 1:], -1)
+        row = full.gather(-1, torch.tensor(c)[:, None])[:, 0]
+        assert torch.allclose(row, logp[b, : len(c)], atol=1e-6), b
+        total = total + row.sum()
+    total.backward()
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            # RMSNorm computes in float32 even here, so sums taken in another order differ by float32 rounding
+            assert torch.allclose(shared_grads[n], p.grad, rtol=1e-5, atol=1e-6), n
+
+
 def test_kv_cache_is_latent_sized():
     cfg = ModelConfig.preset("speedrun")
     cache = Transformer(cfg).new_cache(n_slots=2, max_len=10, dtype=torch.float32)

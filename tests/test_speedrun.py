@@ -70,18 +70,18 @@ def test_rerun_skips_finished_stages(quick_run):
     assert r.stdout.count("done already, skipped") == 14
 
 
-# seconds per stage of the default speedrun on the development machine (runs/sr7, docs/speedrun.md)
-SR7_SECONDS = {"base": 425.4, "eval-base": 12.7, "r1zero": 99.6, "eval-r1zero": 17.2, "r1-cold": 36.0,
-               "r1-rl": 71.0, "r1-rs": 8.3, "r1": 11.3, "eval-r1": 14.3, "student-base": 69.6,
-               "distill-traces": 18.1, "student-distill": 8.7, "student-rl": 9.3, "eval-students": 18.5}
+# seconds per stage of the default speedrun on the development machine (runs/sr15, docs/speedrun.md)
+SR15_SECONDS = {"base": 390.4, "eval-base": 8.2, "r1zero": 66.3, "eval-r1zero": 10.4, "r1-cold": 29.2,
+                "r1-rl": 53.9, "r1-rs": 7.0, "r1": 9.7, "eval-r1": 9.9, "student-base": 35.8,
+                "distill-traces": 12.5, "student-distill": 81.3, "student-rl": 81.7, "eval-students": 12.1}
 
 
 def test_stage_weights_give_an_eta_that_follows_the_measured_times():
     from nanor1.speedrun import Speedrun, SpeedrunConfig
     weights = {s.name: s.weight for s in Speedrun(SpeedrunConfig()).stages()}
-    assert weights.keys() == SR7_SECONDS.keys()
+    assert weights.keys() == SR15_SECONDS.keys()
     share = {k: w / sum(weights.values()) for k, w in weights.items()}
-    measured = {k: t / sum(SR7_SECONDS.values()) for k, t in SR7_SECONDS.items()}
+    measured = {k: t / sum(SR15_SECONDS.values()) for k, t in SR15_SECONDS.items()}
     for name in weights:  # every stage's share of the run within 2 points of the measured share
         assert abs(share[name] - measured[name]) < 0.02, (name, share[name], measured[name])
     # and the weights follow the sizes, so an overridden run keeps a sensible ETA

@@ -109,6 +109,36 @@ class MLA(nn.Module):
         """Full causal attention over x: (B, T, dim) -> (B, T, dim)."""
         return self._expanded_attention(*self._project(x, cos, sin))
 
+    def forward_prefix(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, latents: list) -> torch.Tensor:
+        """`forward`, also appending x's latents to `latents` for continuations of x to attend to."""
+        q_nope, q_rope, latent = self._project(x, cos, sin)
+        latents.append(latent)
+        return self._expanded_attention(q_nope, q_rope, latent)
+
+    def forward_continuation(self, x, cos, sin, prefix_latent: torch.Tensor, prefix_keep: torch.Tensor) -> torch.Tensor:
+        """Causal attention of x (B, T, dim) over a prefix's latents and then itself, with gradients to both.
+
+        prefix_latent: (n, P, latent_dim) from `forward_prefix` on n prefixes, row b of x continuing prefix
+        b // (B // n); prefix_keep: (n, P) True on real prefix tokens (prefixes are right-padded); cos/sin:
+        (B, T, 1, rope_dim / 2) at each continuation token's own position.
+        """
+        B, T, _ = x.shape
+        n, P, _ = prefix_latent.shape
+        H, g = self.n_heads, B // n
+        q_nope, q_rope, latent = self._project(x, cos, sin)
+        c_kv, k_rope = torch.cat((prefix_latent.repeat_interleave(g, 0), latent), dim=1).split(
+            [self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv = self.kv_b_proj(c_kv).view(B, P + T, H, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat((k_nope, k_rope.unsqueeze(2).expand(B, P + T, H, self.rope_dim)), dim=-1)
+        q = torch.cat((q_nope, q_rope), dim=-1)
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        keep = torch.cat((prefix_keep.repeat_interleave(g, 0)[:, None, :].expand(B, T, P),
+                          causal.expand(B, T, T)), dim=-1)[:, None]  # (B, 1, T, P + T)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2).to(q.dtype),
+                                             v.transpose(1, 2).to(q.dtype), attn_mask=keep, scale=self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.v_dim))
+
     def prefill(self, x, cos, sin, cache_kv: torch.Tensor, slots) -> torch.Tensor:
         """Attention over right-padded prompts starting at position 0, writing their latents to the cache.
 
