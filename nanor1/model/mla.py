@@ -53,11 +53,19 @@ def _causal_attention_cpu(q, k, v, scale: float) -> torch.Tensor:
     PyTorch's CPU SDPA falls back to its math path (v_dim != qk dim), which builds the mask and rescales in
     separate passes, and its flash kernel with v padded to the key width is slower still: this is 1.7x
     faster in bf16 at the speedrun shapes, forward plus backward (bench/attention_bench.py)."""
+    T = q.shape[2]
+    return _biased_attention_cpu(q, k, v, scale,
+                                 torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1))
+
+
+def _biased_attention_cpu(q, k, v, scale: float, bias: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T * scale + bias) v for (B, H, T, d) queries and (B, H, S, d) keys; bias (T, S) or (B, 1, T, S)
+    with -inf where a query may not look."""
     B, H, T, d = q.shape
-    mask = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
-    scores = torch.baddbmm(mask.expand(B * H, T, T), q.reshape(B * H, T, d),
-                           k.reshape(B * H, T, d).transpose(1, 2), alpha=scale)
-    return torch.bmm(torch.softmax(scores, dim=-1), v.reshape(B * H, T, -1)).view(B, H, T, -1)
+    S = k.shape[2]
+    bias = bias.expand(B * H, T, S) if bias.dim() == 2 else bias.expand(B, H, T, S).reshape(B * H, T, S)
+    scores = torch.baddbmm(bias, q.reshape(B * H, T, d), k.reshape(B * H, S, d).transpose(1, 2), alpha=scale)
+    return torch.bmm(torch.softmax(scores, dim=-1), v.reshape(B * H, S, -1)).view(B, H, T, -1)
 
 
 class MLA(nn.Module):
@@ -135,8 +143,12 @@ class MLA(nn.Module):
         causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
         keep = torch.cat((prefix_keep.repeat_interleave(g, 0)[:, None, :].expand(B, T, P),
                           causal.expand(B, T, T)), dim=-1)[:, None]  # (B, 1, T, P + T)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2).to(q.dtype),
-                                             v.transpose(1, 2).to(q.dtype), attn_mask=keep, scale=self.scale)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype)
+        if q.device.type == "cpu":
+            bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~keep, float("-inf"))
+            out = _biased_attention_cpu(q, k, v, self.scale, bias)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
     def prefill(self, x, cos, sin, cache_kv: torch.Tensor, slots) -> torch.Tensor:
