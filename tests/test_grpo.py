@@ -48,10 +48,12 @@ def test_grpo_logs_each_reward_functions_mean_and_std(base, tmp_path):
     reward_file.write_text("calls = [0]\n\ndef alternate(completion, problem):\n"
                            "    calls[0] += 1\n    return float(calls[0] % 2)\n")
     spec = f"{reward_file}:alternate"
-    cfg = _cfg(base, tmp_path / "run")
+    cfg = _cfg(base, tmp_path / "run", mu=2)  # two updates per batch: old log-probs recomputed, then the ratio moves
+    cfg.loss.beta = 0.01  # and a frozen reference to measure the KL against
     cfg.rewards.user = [spec]
     grpo(cfg)
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["kl"] > 0  # the policy moved away from its frozen reference
     for r in rows:
         assert r[f"reward/{spec}"] == pytest.approx(0.5)
         assert r[f"reward_std/{spec}"] == pytest.approx((8 * 0.25 / 7) ** 0.5)

@@ -130,6 +130,30 @@ def test_shared_prompt_logits_equal_full_sequences(policy):
             assert (logits[b, : len(c)] - full).abs().max() < 1e-4, b
 
 
+def test_grpo_trains_an_hf_policy_with_reference_and_several_updates(llama_dir, tmp_path):
+    """The GRPO loop on a transformers model: sampling through HFBackend, the shared-prompt update with a KL
+    reference (beta > 0) and recomputed old log-probs (mu = 2), then a saved, reloadable HF folder."""
+    import json
+    from nanor1.grpo import GRPOConfig, grpo
+    from nanor1.templates import Template
+    cfg = GRPOConfig(model=str(llama_dir), out_dir=str(tmp_path / "run"), template=Template.CHAT, steps=2,
+                     prompts_per_step=2, group_size=3, max_new_tokens=6, micro_batch=4, mu=2, ckpt_every=5,
+                     progress=False, dtype="float32")
+    cfg.loss.beta = 0.1
+    cfg.optim.lr = 1e-2
+    reward = tmp_path / "length_reward.py"  # a random model earns no accuracy or format reward; this varies
+    reward.write_text("def parity(completion, problem):\n    return float(len(completion) % 2)\n")
+    cfg.rewards.user = [f"{reward}:parity"]
+    final = grpo(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all("kl" in r and "clip_frac" in r for r in rows)
+    assert rows[1]["kl"] > 0  # after one update the policy has moved away from its reference
+    trained, start = load_policy(final), load_policy(llama_dir)
+    assert trained.kind == "hf"
+    assert any(not torch.equal(a, b) for a, b in zip(trained.model.state_dict().values(),
+                                                     start.model.state_dict().values()))
+
+
 def test_save_reload_with_train_state(llama_dir, tmp_path):
     policy = load_policy(llama_dir)  # its own copy: this test trains it
     opt = torch.optim.AdamW(policy.model.parameters(), lr=1e-3)
