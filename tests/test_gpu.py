@@ -1,0 +1,94 @@
+"""The CUDA paths: the model, the engine, GRPO's shared-prompt update and a pretrain -> GRPO chain on a GPU.
+
+Run on a machine with a GPU: `python -m pytest -m gpu`. The device is `NANOR1_TEST_DEVICE` (default `cuda`);
+`NANOR1_TEST_DEVICE=cpu python -m pytest -m gpu tests/test_gpu.py` checks the tests themselves without one.
+"""
+
+import json
+import os
+
+import pytest
+import torch
+
+from nanor1.engine import Engine, SamplingParams
+from nanor1.model import ModelConfig, Transformer
+
+DEVICE = torch.device(os.environ.get("NANOR1_TEST_DEVICE", "cuda"))
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(DEVICE.type == "cuda" and not torch.cuda.is_available(), reason="no CUDA device")]
+
+
+@pytest.fixture(scope="module")
+def models():
+    cpu = Transformer(ModelConfig.preset("tiny")).init_weights(0).eval()
+    dev = Transformer(ModelConfig.preset("tiny")).init_weights(0).eval().to(DEVICE)
+    return cpu, dev
+
+
+def test_logits_on_the_device_match_the_cpu(models):
+    cpu, dev = models
+    idx = torch.randint(0, 128, (3, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(dev(idx.to(DEVICE)).logits.cpu(), cpu(idx).logits, atol=1e-4)
+
+
+def test_bf16_autocast_training_step_on_the_device(models):
+    _, dev = models
+    model = Transformer(ModelConfig.preset("tiny")).init_weights(0).to(DEVICE).train()
+    idx = torch.randint(0, 128, (4, 33), generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
+        out = model(idx[:, :-1], idx[:, 1:])
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and all(torch.isfinite(p.grad).all() for p in model.parameters()
+                                            if p.grad is not None)
+
+
+def test_engine_greedy_equals_recomputation_on_the_device(models):
+    _, dev = models
+    prompts = [[1, 2, 3], [5, 6, 7, 8, 9], [4], [5, 6, 7, 8, 9]]  # a repeat: prefill copies its cache rows
+    outs = Engine(dev, None, max_batch=8).generate(prompts, SamplingParams(max_new_tokens=12, temperature=0))
+    for p, o in zip(prompts, outs):
+        ids = list(p)
+        with torch.no_grad():
+            for _ in range(12):
+                ids.append(int(dev(torch.tensor([ids], device=DEVICE)).logits[0, -1].argmax()))
+        assert o.ids == ids[len(p):]
+
+
+def test_shared_prompt_logits_and_gradients_on_the_device():
+    """GRPO's one-prompt-pass update through the device's attention (SDPA with a mask on CUDA)."""
+    from test_model import _shared_prompt_batch
+    model = Transformer(ModelConfig.preset("tiny")).init_weights(0).to(DEVICE)
+    prompts, comps, prompt_ids, lens, targets, real = _shared_prompt_batch(model.cfg.vocab_size)
+    logits = model.forward_shared_prompts(prompt_ids.to(DEVICE), lens.to(DEVICE), targets[:, :-1].to(DEVICE))
+    logp = torch.log_softmax(logits, -1).gather(-1, targets.to(DEVICE)[..., None])[..., 0]
+    (logp * real.to(DEVICE)).sum().backward()
+    shared = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    total = 0.0
+    for b, c in enumerate(comps):
+        p = prompts[b // 3]
+        full = torch.log_softmax(model(torch.tensor([p + c[:-1]], device=DEVICE)).logits[0, len(p) - 1:], -1)
+        row = full.gather(-1, torch.tensor(c, device=DEVICE)[:, None])[:, 0]
+        assert torch.allclose(row, logp[b, : len(c)], atol=1e-4), b
+        total = total + row.sum()
+    total.backward()
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(shared[n], p.grad, rtol=1e-3, atol=1e-5), n
+
+
+def test_pretrain_then_grpo_on_the_device(tmp_path):
+    from nanor1.config import load_config
+    from nanor1.grpo import GRPOConfig, grpo
+    from nanor1.pretrain import PretrainConfig, pretrain
+    cfg = load_config(PretrainConfig, overrides=[
+        f"out_dir={tmp_path / 'base'}", "model=tiny", "n_docs=800", "vocab_size=300", "seq_len=48", "batch_size=8",
+        "steps=4", "log_every=2", "progress=false", f"device={DEVICE}"])
+    cfg.model_overrides = {"max_seq_len": 320}
+    base = pretrain(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "base" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 4 and rows[-1]["loss"] == rows[-1]["loss"]  # logged, and not NaN
+    final = grpo(GRPOConfig(model=str(base), out_dir=str(tmp_path / "grpo"), steps=2, prompts_per_step=2,
+                            group_size=4, max_new_tokens=16, micro_batch=4, progress=False, device=str(DEVICE)))
+    assert (final / "manifest.json").is_file()
