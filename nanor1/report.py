@@ -29,7 +29,7 @@ class Panel:
 class FigureSpec:
     slug: str
     title: str
-    panels: tuple[Panel, ...]      # one row per panel present, one column per stage that has data
+    panels: tuple[Panel, ...]      # one row per panel present, one column per stage that has data (4 per band)
 
 
 FIGURES = (
@@ -108,24 +108,33 @@ def _plt():
 
 
 def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
+    # keep ~0.4 inch at the top for the figure's title, which tight_layout does not see
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.4 / fig.get_figheight()) if fig._suptitle is not None else None)
     fig.savefig(path, dpi=110)
     _plt().close(fig)
     return path
 
 
-def plot_figure(spec: FigureSpec, curves: dict[str, list[dict]], out: Path) -> Path | None:
-    """One figure for one concept: rows are panels, columns are the stages that logged those keys."""
+def plot_figure(spec: FigureSpec, curves: dict[str, list[dict]], out: Path, max_cols: int = 4) -> Path | None:
+    """One figure for one concept: each stage that logged its keys gets a column of panels; past `max_cols`
+    stages the columns wrap into another band below, so a long pipeline stays readable on a screen."""
     stages = [s for s in curves if any(_keys(curves[s], p) for p in spec.panels)]
     panels = [p for p in spec.panels if any(_keys(curves[s], p) for s in stages)]
     if not stages:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(len(panels), len(stages), figsize=(4.6 * len(stages) + 0.6, 3.0 * len(panels) + 0.6),
-                             squeeze=False, sharex="col")
+    cols = min(max_cols, len(stages))
+    bands = -(-len(stages) // cols)
+    fig, axes = plt.subplots(bands * len(panels), cols, figsize=(4.6 * cols + 0.6, 3.0 * bands * len(panels) + 0.6),
+                             squeeze=False)
+    for j in range(len(stages), bands * cols):  # the empty places after the last stage
+        band, col = divmod(j, cols)
+        for i in range(len(panels)):
+            axes[band * len(panels) + i][col].set_visible(False)
     for j, stage in enumerate(stages):
+        band, col = divmod(j, cols)
         for i, panel in enumerate(panels):
-            ax = axes[i][j]
+            ax = axes[band * len(panels) + i][col]
             keys = _keys(curves[stage], panel)
             for k in keys:
                 _plot_line(ax, *_series(curves[stage], k), label=k)

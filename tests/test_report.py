@@ -170,3 +170,16 @@ def test_report_renders_in_headless_chromium(tmp_path):
     colourful = (img[..., :3].max(axis=2) - img[..., :3].min(axis=2)) > 0.3   # plot lines, not black/grey text
     assert colourful.mean() > 0.002
     shutil.rmtree(tmp_path / "profile", ignore_errors=True)
+
+
+def test_many_stages_wrap_into_bands_of_four_columns(tmp_path):
+    """Eight stages of a two-panel figure: two bands of four columns (not one row eight panels wide); six
+    stages take the same grid, with two places left empty."""
+    from PIL import Image
+    from nanor1.report import FigureSpec, Panel, plot_figure
+    spec = FigureSpec("t", "test", (Panel("loss", ("loss",)), Panel("lr", ("lr",))))
+    curves = {f"stage{i}": [{"step": s, "loss": 1.0 / s, "lr": 0.1} for s in range(1, 20)] for i in range(8)}
+    w, h = Image.open(plot_figure(spec, curves, tmp_path)).size
+    assert w == round((4.6 * 4 + 0.6) * 110) and h == round((3.0 * 4 + 0.6) * 110)
+    six = {k: v for k, v in list(curves.items())[:6]}
+    assert Image.open(plot_figure(spec, six, tmp_path)).size == (w, h)
