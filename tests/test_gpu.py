@@ -57,25 +57,9 @@ def test_engine_greedy_equals_recomputation_on_the_device(models):
 
 def test_shared_prompt_logits_and_gradients_on_the_device():
     """GRPO's one-prompt-pass update through the device's attention (SDPA with a mask on CUDA)."""
-    from test_model import _shared_prompt_batch
+    from test_model import check_shared_prompt_update
     model = Transformer(ModelConfig.preset("tiny")).init_weights(0).to(DEVICE)
-    prompts, comps, prompt_ids, lens, targets, real = _shared_prompt_batch(model.cfg.vocab_size)
-    logits = model.forward_shared_prompts(prompt_ids.to(DEVICE), lens.to(DEVICE), targets[:, :-1].to(DEVICE))
-    logp = torch.log_softmax(logits, -1).gather(-1, targets.to(DEVICE)[..., None])[..., 0]
-    (logp * real.to(DEVICE)).sum().backward()
-    shared = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    model.zero_grad()
-    total = 0.0
-    for b, c in enumerate(comps):
-        p = prompts[b // 3]
-        full = torch.log_softmax(model(torch.tensor([p + c[:-1]], device=DEVICE)).logits[0, len(p) - 1:], -1)
-        row = full.gather(-1, torch.tensor(c, device=DEVICE)[:, None])[:, 0]
-        assert torch.allclose(row, logp[b, : len(c)], atol=1e-4), b
-        total = total + row.sum()
-    total.backward()
-    for n, p in model.named_parameters():
-        if p.grad is not None:
-            assert torch.allclose(shared[n], p.grad, rtol=1e-3, atol=1e-5), n
+    check_shared_prompt_update(model, DEVICE, atol=1e-4, grad_rtol=1e-3, grad_atol=1e-5)
 
 
 def test_pretrain_then_grpo_on_the_device(tmp_path):

@@ -190,29 +190,36 @@ def _shared_prompt_batch(vocab: int, G: int = 3):
     return prompts, comps, prompt_ids, torch.tensor([5, 3]), targets, real
 
 
-def test_shared_prompt_logits_equal_full_sequences():
-    """GRPO's update runs each prompt once for its group: the completions' log-probs and their gradients must be
-    what a forward over each whole prompt + completion row gives."""
-    from nanor1.model import ModelConfig, Transformer
-    model = Transformer(ModelConfig.preset("tiny")).init_weights(0).double()
+def check_shared_prompt_update(model, device, atol: float, grad_rtol: float, grad_atol: float) -> None:
+    """`forward_shared_prompts` against a forward over each whole prompt + completion row: the completions'
+    log-probs, and the gradients of their sum."""
     prompts, comps, prompt_ids, lens, targets, real = _shared_prompt_batch(model.cfg.vocab_size)
-    logits = model.forward_shared_prompts(prompt_ids, lens, targets[:, :-1])
+    targets = targets.to(device)
+    logits = model.forward_shared_prompts(prompt_ids.to(device), lens.to(device), targets[:, :-1])
     logp = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
-    (logp * real).sum().backward()
+    (logp * real.to(device)).sum().backward()
     shared_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     total = 0.0
     for b, c in enumerate(comps):
         p = prompts[b // 3]
-        full = torch.log_softmax(model(torch.tensor([p + c[:-1]])).logits[0, len(p) - 1:], -1)
-        row = full.gather(-1, torch.tensor(c)[:, None])[:, 0]
-        assert torch.allclose(row, logp[b, : len(c)], atol=1e-6), b
+        full = torch.log_softmax(model(torch.tensor([p + c[:-1]], device=device)).logits[0, len(p) - 1:], -1)
+        row = full.gather(-1, torch.tensor(c, device=device)[:, None])[:, 0]
+        assert torch.allclose(row, logp[b, : len(c)], atol=atol), b
         total = total + row.sum()
     total.backward()
     for n, p in model.named_parameters():
         if p.grad is not None:
-            # RMSNorm computes in float32 even here, so sums taken in another order differ by float32 rounding
-            assert torch.allclose(shared_grads[n], p.grad, rtol=1e-5, atol=1e-6), n
+            assert torch.allclose(shared_grads[n], p.grad, rtol=grad_rtol, atol=grad_atol), n
+
+
+def test_shared_prompt_logits_equal_full_sequences():
+    """GRPO's update runs each prompt once for its group: the completions' log-probs and their gradients must be
+    what a forward over each whole prompt + completion row gives. In float64, but RMSNorm computes in float32
+    even then, so gradients summed in another order differ by float32 rounding."""
+    from nanor1.model import ModelConfig, Transformer
+    model = Transformer(ModelConfig.preset("tiny")).init_weights(0).double()
+    check_shared_prompt_update(model, torch.device("cpu"), atol=1e-6, grad_rtol=1e-5, grad_atol=1e-6)
 
 
 def test_kv_cache_is_latent_sized():
