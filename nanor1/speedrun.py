@@ -30,7 +30,7 @@ class SpeedrunConfig:
     task_options: dict = dataclasses.field(default_factory=lambda: {"terms": 4, "digits": 2})
     seed: int = 0
     device: str = "auto"
-    # sizes of each stage (the defaults fit ~15 minutes on a 2-core AVX-512/AMX CPU; see docs/speedrun.md)
+    # sizes of each stage (the defaults take 13.5-15 minutes on the 2-core AVX-512 development CPU; docs/speedrun.md)
     pretrain_steps: int = 450
     pretrain_docs: int = 40_000
     pretrain_lr: float = 5e-3
