@@ -111,6 +111,8 @@ def shared_prompt_logits(model, prompts: torch.Tensor, prompt_lens: torch.Tensor
     from transformers import DynamicCache
     n, P = prompts.shape
     B, T = inputs.shape
+    if B % n:
+        raise ValueError(f"{B} continuations do not split evenly over {n} prompts")
     g = B // n
     cache_kw = _cache_kw(model)
     keep = torch.arange(P, device=prompts.device)[None, :] < prompt_lens[:, None]

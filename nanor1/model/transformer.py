@@ -169,6 +169,8 @@ class Transformer(nn.Module):
         """
         n, P = prompts.shape
         B, T = inputs.shape
+        if B % n:
+            raise ValueError(f"{B} continuations do not split evenly over {n} prompts")
         g = B // n
         cos, sin = self.rope_cos[:P, None], self.rope_sin[:P, None]
         latents: list[torch.Tensor] = []
