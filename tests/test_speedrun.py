@@ -36,7 +36,8 @@ def test_report_and_findings(quick_run):
     assert "Findings" in html and "Stage times" in html and "<img" in html
     findings = json.loads((out / "findings.json").read_text())
     names = " ".join(f["finding"] for f in findings["findings"])
-    for claim in ("RL alone lifts", "response length", "majority voting", "cold start", "distilling"):
+    for claim in ("RL alone lifts", "response length", "majority voting", "cold start", "R1 matches or beats R1-Zero",
+                  "distilling"):
         assert claim in names
     assert findings["peak_memory_gib"] < 4.0
     assert "report:" in r.stdout and "overall ETA" in r.stdout
