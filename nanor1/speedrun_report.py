@@ -81,31 +81,29 @@ def findings(out: Path, task: str) -> list[dict]:
                      "measured": f"format {100 * cf:.0f}% vs {100 * zf:.0f}%, accuracy {100 * ca:.0f}% vs "
                                  f"{100 * za:.0f}% (R1 vs R1-Zero training rollouts)",
                      "target": "R1 >= R1-Zero on both", "holds": ca >= za and cf >= zf})
+    def versus(finding: str, a: dict, a_name: str, b: dict, b_name: str, target: str, tie_holds: bool) -> dict:
+        """A row comparing two models' lenient pass@1, with the paired difference and its 95% interval."""
+        pa, pb = _metric(a, task, "lenient", "pass@1"), _metric(b, task, "lenient", "pass@1")
+        d = compare(a, b)["tasks"][task]["lenient"]["pass@1"]["diff"]
+        measured = (f"{a_name} {_pct(pa)} vs {b_name} {_pct(pb)}; difference {100 * d['value']:+.1f} pts "
+                    f"[{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]")
+        return {"finding": finding, "measured": measured,
+                "target": target, "holds": d["value"] >= 0 if tie_holds else d["value"] > 0,
+                "within_noise": d["lo"] <= 0 <= d["hi"]}
+
     # 5. the full pipeline ends at least where RL alone does (R1 section 3: DeepSeek-R1 matches or beats R1-Zero
     # while reading better; the format half is the cold-start row above)
     if zero and r1:
-        a, b = _metric(r1, task, "lenient", "pass@1"), _metric(zero, task, "lenient", "pass@1")
-        d = compare(r1, zero)["tasks"][task]["lenient"]["pass@1"]["diff"]
-        rows.append({"finding": "R1 matches or beats R1-Zero (lenient pass@1)",
-                     "measured": f"R1 {_pct(a)} vs R1-Zero {_pct(b)}; difference {100 * d['value']:+.1f} pts "
-                                 f"[{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]",
-                     "target": "R1 >= R1-Zero", "holds": d["value"] >= 0, "within_noise": d["lo"] <= 0 <= d["hi"]})
-    # 6. distillation beats RL on the small student (R1 section 4.1)
+        rows.append(versus("R1 matches or beats R1-Zero (lenient pass@1)", r1, "R1", zero, "R1-Zero",
+                           "R1 >= R1-Zero", tie_holds=True))
+    # 6. distillation beats RL on the small student (R1 section 4.1), and the student's own base
     if s_dist and s_rl:
-        a, b = _metric(s_dist, task, "lenient", "pass@1"), _metric(s_rl, task, "lenient", "pass@1")
-        d = compare(s_dist, s_rl)["tasks"][task]["lenient"]["pass@1"]["diff"]
-        rows.append({"finding": "distilling R1 beats RL on the same small student, same compute",
-                     "measured": f"distilled {_pct(a)} vs RL {_pct(b)}; difference {100 * d['value']:+.1f} pts "
-                                 f"[{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]",
-                     "target": "distilled > RL", "holds": d["value"] > 0, "within_noise": d["lo"] <= 0 <= d["hi"]})
+        rows.append(versus("distilling R1 beats RL on the same small student, same compute", s_dist, "distilled",
+                           s_rl, "RL", "distilled > RL", tie_holds=False))
     s_base = _eval(out, "student-base")
     if s_dist and s_base:
-        a, b = _metric(s_dist, task, "lenient", "pass@1"), _metric(s_base, task, "lenient", "pass@1")
-        d = compare(s_dist, s_base)["tasks"][task]["lenient"]["pass@1"]["diff"]
-        rows.append({"finding": "the distilled student beats its own base",
-                     "measured": f"distilled {_pct(a)} vs base {_pct(b)}; difference {100 * d['value']:+.1f} pts "
-                                 f"[{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]",
-                     "target": "distilled > base", "holds": d["value"] > 0, "within_noise": d["lo"] <= 0 <= d["hi"]})
+        rows.append(versus("the distilled student beats its own base", s_dist, "distilled", s_base, "base",
+                           "distilled > base", tie_holds=False))
     return rows
 
 
