@@ -2,7 +2,8 @@
 
 Both sides: chain_sum problems in the R1-Zero template, 8 prompts x G=8 = 64 completions of exactly 32 tokens
 per step (EOS suppressed), temperature 1, beta=0 (no reference model), one policy update per batch, the same
-nanor1 accuracy + format reward, bf16 autocast for training. Everything is local (HF_HUB_OFFLINE). The sides
+nanor1 accuracy + format reward, bf16 autocast for training; sampling in bf16 (ours from a bf16 copy of the
+policy, TRL under accelerate's autocast). Everything is local (HF_HUB_OFFLINE). The sides
 take turns, a few steps each per round, so a busy CPU slows both alike. Run:
     python bench/grpo_bench.py [--rounds 2] [--steps 3] [--threads N]
 """
@@ -61,7 +62,8 @@ class NoStop:
         return getattr(self._tok, name)
 
 
-def run_ours(folder: Path, out: Path, steps: int, seed: int) -> tuple[list[float], list[float], list[dict]]:
+def run_ours(folder: Path, out: Path, steps: int, seed: int,
+             rollout_dtype: str) -> tuple[list[float], list[float], list[dict]]:
     """`steps` GRPO steps; returns the seconds of steps 2.. (step 1 is the warm-up), mean lengths, and the
     rollout / policy-update seconds of those steps."""
     from nanor1.common import read_jsonl
@@ -72,7 +74,7 @@ def run_ours(folder: Path, out: Path, steps: int, seed: int) -> tuple[list[float
     cfg = GRPOConfig(model=str(folder), out_dir=str(out), task="chain_sum", steps=steps,
                      prompts_per_step=PROMPTS_PER_STEP, group_size=G, max_new_tokens=NEW_TOKENS, temperature=1.0,
                      mu=1, micro_batch=PROMPTS_PER_STEP * G, device="cpu", dtype="bfloat16", seed=seed,
-                     progress=False, ckpt_every=10 ** 6, sample_every=10 ** 6)
+                     rollout_dtype=rollout_dtype, progress=False, ckpt_every=10 ** 6, sample_every=10 ** 6)
     cfg.optim.lr = LR
     grpo(cfg, policy=policy)
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if "step" in r]
@@ -81,8 +83,9 @@ def run_ours(folder: Path, out: Path, steps: int, seed: int) -> tuple[list[float
     return [b - a for a, b in zip(ends, ends[1:])], [r["response_len"] for r in rows], split
 
 
-def run_trl(folder: Path, out: Path, steps: int, seed: int, task) -> tuple[list[float], list[float]]:
-    """The same with trl.GRPOTrainer; step times are taken between on_step_end callbacks."""
+def run_trl(folder: Path, out: Path, steps: int, seed: int, task) -> tuple[list[float], list[float], bool]:
+    """The same with trl.GRPOTrainer; step times are taken between on_step_end callbacks. Also says whether
+    accelerate wrapped the model's forward in bf16 autocast (so TRL's generate() samples in bf16 too)."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
@@ -97,11 +100,12 @@ def run_trl(folder: Path, out: Path, steps: int, seed: int, task) -> tuple[list[
     def reward(prompts, completions, pid, **_):
         return compute_rewards(completions, [problems[i] for i in pid], task, RewardConfig())["total"]
 
-    ends, lengths = [], []
+    ends, lengths, autocast = [], [], []
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
             ends.append(time.perf_counter())
+            autocast.append(hasattr(kw["model"], "_original_forward"))  # accelerate's mixed-precision wrapper
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "completions/mean_length" in logs:
@@ -121,7 +125,7 @@ def run_trl(folder: Path, out: Path, steps: int, seed: int, task) -> tuple[list[
                           callbacks=[Clock()])
     trainer.remove_callback(PrinterCallback)
     trainer.train()
-    return [b - a for a, b in zip(ends, ends[1:])], lengths
+    return [b - a for a, b in zip(ends, ends[1:])], lengths, all(autocast)
 
 
 def main() -> None:
@@ -129,6 +133,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2, help="turns per side")
     p.add_argument("--steps", type=int, default=3, help="timed GRPO steps per turn (after one warm-up step)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--rollout-dtype", default="bfloat16",
+                   help="ours: GRPOConfig.rollout_dtype (TRL samples under accelerate's bf16 autocast)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
 
@@ -166,10 +172,11 @@ def main() -> None:
                 out = Path(d) / f"{side}{r}"
                 t0 = time.perf_counter()
                 if side == "ours":
-                    ts, ls, sp = run_ours(folder, out, args.steps + 1, seed=r)
+                    ts, ls, sp = run_ours(folder, out, args.steps + 1, seed=r, rollout_dtype=args.rollout_dtype)
                     split += sp
                 else:
-                    ts, ls = run_trl(folder, out, args.steps + 1, r, task)
+                    ts, ls, trl_autocast = run_trl(folder, out, args.steps + 1, r, task)
+                    print(f"TRL's model forward runs under bf16 autocast (sampling included): {trl_autocast}")
                 times[side] += ts
                 lengths[side] += ls
                 print(f"round {r + 1} {side:>4}: steps {[round(t, 2) for t in ts]} s (whole turn with loading and "
@@ -179,7 +186,7 @@ def main() -> None:
     for k in times:
         print(f"{k:>5}: median {med[k]:.2f} s/step over {len(times[k])} steps, mean completion length "
               f"{mean_len[k]:.1f} tokens")
-    print(f"ours: median rollout {statistics.median(x['rollout_s'] for x in split):.2f} s + policy update "
+    print(f"ours samples in {args.rollout_dtype}; median rollout {statistics.median(x['rollout_s'] for x in split):.2f} s + policy update "
           f"{statistics.median(x['train_s'] for x in split):.2f} s per step")
     print(f"ours is {med['trl'] / med['ours']:.2f}x faster than TRL per GRPO step")
     print("load average after:", ", ".join(f"{x:.2f}" for x in os.getloadavg()))

@@ -81,14 +81,15 @@ def distinct_prompts(prompts: list[list[int]]) -> tuple[list[list[int]], torch.T
 
 
 class ModelBackend:
-    """A nanor1 Transformer with its MLA latent cache: any request may join at any step."""
+    """A model with a per-slot cache (nanor1's Transformer and its MLA latents, or a `LlamaDecoder`): any request
+    may join at any step."""
     continuous = True
 
     def __init__(self, model, n_slots: int, max_seq_len: int | None = None):
         self.model = model
         self.n_slots = n_slots
-        self.max_seq_len = min(max_seq_len or model.cfg.max_seq_len, model.cfg.max_seq_len)
-        self.device = model.embed_tokens.weight.device
+        self.max_seq_len = min(max_seq_len or model.max_seq_len, model.max_seq_len)
+        self.device = next(model.parameters()).device
         self.cache = model.new_cache(n_slots, self.max_seq_len)
 
     def _slots(self, slots: list[int]):
@@ -104,13 +105,13 @@ class ModelBackend:
         idx = torch.zeros(len(distinct), T, dtype=torch.long)
         for i, p in enumerate(distinct):
             idx[i, : len(p)] = torch.tensor(p)
-        logits = self.model.prefill(idx.to(self.device), self.cache, self._slots(first))
+        last = torch.tensor([len(p) - 1 for p in distinct], device=self.device)
+        logits = self.model.prefill(idx.to(self.device), self.cache, self._slots(first), last)
         slot_t, src = torch.tensor(slots, device=self.device), torch.tensor(first, device=self.device)[inverse]
-        if len(distinct) < len(prompts):  # the repeats copy the latents of their prompt's first row
-            self.cache.kv[:, slot_t, :T] = self.cache.kv[:, src, :T]
-        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
-        self.cache.lengths[slot_t] = lengths
-        return logits[inverse.to(self.device), lengths - 1]
+        if len(distinct) < len(prompts):  # the repeats copy the cache rows of their prompt's first row
+            self.cache.copy_rows(src, slot_t, T)
+        self.cache.lengths[slot_t] = torch.tensor([len(p) for p in prompts], device=self.device)
+        return logits[inverse.to(self.device)]
 
     def decode(self, tokens: torch.Tensor, slots: list[int]) -> torch.Tensor:
         slot_t = torch.tensor(slots, device=self.device)

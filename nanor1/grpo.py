@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from nanor1.checkpoint import latest_checkpoint, load_train_state, save_run_checkpoint
-from nanor1.common import JsonlLogger, NanoR1Error, autocast, progress
+from nanor1.common import JsonlLogger, NanoR1Error, autocast, progress, resolve_dtype
 from nanor1.config import to_dict
 from nanor1.engine import Completion, SamplingParams
 from nanor1.metrics import MetricsSink, TrackingConfig
@@ -54,6 +54,10 @@ class GRPOConfig:
     seed: int = 0
     device: str = "auto"
     dtype: str = "bfloat16"  # autocast for the policy-gradient forward/backward
+    # weights the engine samples with: "bfloat16" samples from a copy of the policy in bf16, refreshed before
+    # each rollout (faster matmuls, as vLLM-style trainers do); old log-probs are recomputed in training
+    # numerics either way, so the update is unchanged; nanor1's own decode gains little from it on CPUs
+    rollout_dtype: str = "float32"
     resume: bool = False
     progress: bool = True
     stage: str = "grpo"
@@ -74,6 +78,7 @@ class GRPOConfig:
                               f"got {self.group_size}")
         if self.temperature <= 0:
             raise NanoR1Error("GRPO samples: temperature must be > 0")
+        resolve_dtype(self.rollout_dtype)
 
 
 # ----------------------------------------------------------------------------- one batch of rollouts
@@ -138,6 +143,20 @@ def _logp(policy, ro: Rollouts, prompts: slice, seqs: slice, temperature, device
     return gather_logprobs(logits, y, temperature=temperature), logits
 
 
+def _sampler(policy, dtype: torch.dtype):
+    """The policy the engine samples from: itself, or a frozen copy in `dtype` that each step refreshes."""
+    if next(policy.model.parameters()).dtype == dtype:
+        return policy
+    return replace(policy, model=copy.deepcopy(policy.model).to(dtype).eval().requires_grad_(False))
+
+
+@torch.no_grad()
+def _sync(sampling_copy: torch.nn.Module, model: torch.nn.Module) -> None:
+    """Give the sampling copy the policy's current weights (in its own dtype)."""
+    for mine, theirs in zip(sampling_copy.parameters(), model.parameters()):
+        mine.copy_(theirs)
+
+
 def grpo(cfg: GRPOConfig, policy=None) -> Path:
     """Run GRPO from `cfg.model` (or an in-memory Policy); returns the final policy's folder."""
     from nanor1.policy import load_policy
@@ -161,7 +180,8 @@ def grpo(cfg: GRPOConfig, policy=None) -> Path:
     if resume_from is not None:
         start = int(load_train_state(resume_from, optimizer)["step"])
     G, n_seq = cfg.group_size, cfg.prompts_per_step * cfg.group_size
-    engine = policy.engine(max_batch=n_seq, seed=cfg.seed)
+    sampler = _sampler(policy, resolve_dtype(cfg.rollout_dtype))
+    engine = sampler.engine(max_batch=n_seq, seed=cfg.seed)
     log = MetricsSink(out_dir, cfg.tracking, name=cfg.stage, config=to_dict(cfg))
     samples = JsonlLogger(out_dir / "samples.jsonl")
     ckpt_kwargs = dict(kind=cfg.stage, run_config=to_dict(cfg), parent=cfg.model, seeds={"seed": cfg.seed})
@@ -176,6 +196,8 @@ def grpo(cfg: GRPOConfig, policy=None) -> Path:
             raise NanoR1Error(f"task {cfg.task!r} has no training problems")
         t0 = time.perf_counter()
         model.eval()
+        if sampler is not policy:
+            _sync(sampler.model, model)
         ro = rollout(policy, engine, task, problems, cfg, step)
         t_roll = time.perf_counter() - t0
         total = torch.tensor(ro.rewards["total"])

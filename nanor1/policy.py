@@ -72,8 +72,13 @@ class Policy:
     def engine(self, max_batch: int = 64, max_seq_len: int | None = None, seed: int = 0) -> Engine:
         if self.kind == "nanor1":
             return Engine(self.model, self.tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, seed=seed)
+        from nanor1.engine import ModelBackend
         from nanor1.hf_backend import HFBackend
-        backend = HFBackend(self.model, max_batch, max_seq_len, pad_id=self.tokenizer.pad_id or 0)
+        from nanor1.hf_llama import FastLlama, supports
+        if supports(self.model, min(max_seq_len or self.max_seq_len, self.max_seq_len)):
+            backend = ModelBackend(FastLlama(self.model), max_batch, max_seq_len)
+        else:  # any other architecture runs through transformers' own forward
+            backend = HFBackend(self.model, max_batch, max_seq_len, pad_id=self.tokenizer.pad_id or 0)
         return Engine(None, self.tokenizer, backend=backend, seed=seed)
 
     def save(self, folder: str | Path, **kwargs) -> Path:
@@ -98,6 +103,10 @@ def load_policy(path: str | Path, device: torch.device | None = None) -> Policy:
         return Policy(model.to(device), tok, "nanor1", path)
     from nanor1.hf_backend import load_hf_causal_lm
     model, tok = load_hf_causal_lm(path)
+    if device.type == "cpu":
+        # transformers' eager attention beats its SDPA flash kernel on CPUs: the GRPO update of bench/grpo_bench.py's
+        # model ran 1.16x faster with it, forward + backward (bench/README.md, GRPO); GPUs keep SDPA
+        model.set_attn_implementation("eager")
     return Policy(model.to(device), tok, "hf", path)
 
 

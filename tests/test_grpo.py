@@ -41,6 +41,27 @@ def test_grpo_runs_logs_and_saves(base, tmp_path):
     assert (tmp_path / "samples.jsonl").read_text().strip()
 
 
+def test_grpo_samples_from_a_bf16_copy_kept_in_step(base, tmp_path):
+    """rollout_dtype=bfloat16: the engine samples from a bf16 copy that takes the policy's weights each step."""
+    from nanor1.grpo import _sampler, _sync
+    from nanor1.policy import load_policy
+    policy = load_policy(base)
+    assert _sampler(policy, torch.float32) is policy
+    sampler = _sampler(policy, torch.bfloat16)
+    assert next(sampler.model.parameters()).dtype == torch.bfloat16
+    with torch.no_grad():
+        for p in policy.model.parameters():
+            p.mul_(-1.0)
+    _sync(sampler.model, policy.model)
+    for a, b in zip(sampler.model.parameters(), policy.model.parameters()):
+        assert torch.equal(a, b.to(torch.bfloat16))
+    grpo(_cfg(base, tmp_path, rollout_dtype="bfloat16"))
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["response_len"] > 0 for r in rows)
+    with pytest.raises(NanoR1Error, match="unknown dtype"):
+        grpo(_cfg(base, tmp_path / "bad", rollout_dtype="bf8"))
+
+
 def test_grpo_logs_each_reward_functions_mean_and_std(base, tmp_path):
     """A user reward that alternates 0, 1, 0, 1, ... over each step's 8 completions: mean 0.5, sample std
     sqrt(8 * 0.25 / 7)."""

@@ -1,4 +1,6 @@
-"""Hugging Face causal LMs as policies: the engine over HFBackend against transformers' own generate()."""
+"""Hugging Face causal LMs as policies, against transformers' own generate() and forward. Every test runs twice: on a
+Llama (which nanor1 runs with its own code, nanor1.hf_llama) and on the same Llama with a GELU MLP, an
+architecture nanor1 does not know, which runs through transformers (nanor1.hf_backend)."""
 
 import importlib.util
 import warnings
@@ -17,8 +19,8 @@ LINES = ["the quick brown fox jumps over the lazy dog", "what is 2 + 3? it is 5"
 TEXTS = ["the quick", "hello world, hello", "what is 2 + 3? it is", "fox", "the lazy dog and the quick brown"]
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
+@pytest.fixture(scope="module", params=["silu", "gelu"], ids=["fast_llama", "transformers"])
+def llama_dir(tmp_path_factory, request):
     """A tiny random LlamaForCausalLM saved as safetensors with a nanor1-trained tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
     from nanor1.tokenizer import train_tokenizer
@@ -26,7 +28,8 @@ def llama_dir(tmp_path_factory):
     cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                       bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
-                      initializer_range=0.1)  # peaked logits: greedy never hinges on float noise
+                      initializer_range=0.1,  # peaked logits: greedy never hinges on float noise
+                      hidden_act=request.param)
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("llama")
     with warnings.catch_warnings():
@@ -56,7 +59,11 @@ def hf_greedy(model, prompts, n, pad_id, eos_id):
 
 
 def test_loads_as_hf_policy(policy):
+    from nanor1.engine import ModelBackend
+    from nanor1.hf_backend import HFBackend
     assert policy.kind == "hf" and type(policy.model).__name__ == "LlamaForCausalLM"
+    fast = policy.model.config.hidden_act == "silu"
+    assert isinstance(policy.engine().backend, ModelBackend if fast else HFBackend)
     assert policy.max_seq_len == 128 and policy.tokenizer.eos_id == 2
 
 
@@ -130,15 +137,17 @@ def test_shared_prompt_logits_equal_full_sequences(policy):
             assert (logits[b, : len(c)] - full).abs().max() < 1e-4, b
 
 
-def test_grpo_trains_an_hf_policy_with_reference_and_several_updates(llama_dir, tmp_path):
-    """The GRPO loop on a transformers model: sampling through HFBackend, the shared-prompt update with a KL
-    reference (beta > 0) and recomputed old log-probs (mu = 2), then a saved, reloadable HF folder."""
+@pytest.mark.parametrize("rollout_dtype", ["float32", "bfloat16"])
+def test_grpo_trains_an_hf_policy_with_reference_and_several_updates(llama_dir, tmp_path, rollout_dtype):
+    """The GRPO loop on a transformers model: sampling (from a bf16 copy of the policy, or the policy itself),
+    the shared-prompt update with a KL reference (beta > 0) and recomputed old log-probs (mu = 2), then a saved,
+    reloadable HF folder."""
     import json
     from nanor1.grpo import GRPOConfig, grpo
     from nanor1.templates import Template
     cfg = GRPOConfig(model=str(llama_dir), out_dir=str(tmp_path / "run"), template=Template.CHAT, steps=2,
                      prompts_per_step=2, group_size=3, max_new_tokens=6, micro_batch=4, mu=2, ckpt_every=5,
-                     progress=False, dtype="float32")
+                     progress=False, dtype="float32", rollout_dtype=rollout_dtype)
     cfg.loss.beta = 0.1
     cfg.optim.lr = 1e-2
     reward = tmp_path / "length_reward.py"  # a random model earns no accuracy or format reward; this varies

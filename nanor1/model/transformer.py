@@ -195,16 +195,21 @@ class Transformer(nn.Module):
         dtype = dtype or self.embed_tokens.weight.dtype
         return KVCache(self.cfg, n_slots, max_len, dtype, self.embed_tokens.weight.device)
 
+    @property
+    def max_seq_len(self) -> int:
+        return self.cfg.max_seq_len
+
     @torch.no_grad()
-    def prefill(self, idx: torch.Tensor, cache: KVCache, slots: torch.Tensor | slice) -> torch.Tensor:
-        """Run right-padded prompts (B, T) from position 0, filling the cache rows `slots`; returns (B, T, V)
-        logits. The caller sets cache.lengths."""
-        T = idx.shape[1]
+    def prefill(self, idx: torch.Tensor, cache: KVCache, slots: torch.Tensor | slice,
+                last: torch.Tensor) -> torch.Tensor:
+        """Run right-padded prompts (B, T) from position 0, filling the cache rows `slots`; returns (B, V)
+        logits at the positions `last` (each prompt's final token). The caller sets cache.lengths."""
+        B, T = idx.shape
         cos, sin = self.rope_cos[:T, None], self.rope_sin[:T, None]
         h = self.embed_tokens(idx)
         for i, block in enumerate(self.layers):
             h = block(h, lambda attn, x: attn.prefill(x, cos, sin, cache.kv[i], slots))
-        return self.lm_head(self.norm(h))
+        return self.lm_head(self.norm(h[torch.arange(B, device=idx.device), last]))
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, cache: KVCache, slots: torch.Tensor | slice,

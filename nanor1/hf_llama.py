@@ -1,0 +1,201 @@
+"""Fast sampling for Llama-family Hugging Face models (Llama, Mistral, Qwen2, Qwen3; SmolLM2 is a Llama).
+
+For sampling, transformers runs these one generic module at a time and grows a `DynamicCache` by concatenation
+at every token; on a CPU at GRPO's batch sizes that overhead costs as much as the matmuls. `FastLlama` runs the
+same weights with q|k|v and gate|up packed into one matmul each, over a per-slot KV cache that grows in blocks,
+behind the `prefill` / `decode` / `new_cache` interface of nanor1's own Transformer, so the engine's
+`ModelBackend` drives it with continuous batching. Training stays with transformers' forward (a hand-written
+one measured no faster: the update's time is in its matmuls). Tests pin the logits to transformers' forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+_BLOCK = 16  # cache positions are added this many at a time
+
+
+def supports(model, max_seq_len: int) -> bool:
+    """Whether `model` is a causal LM that FastLlama reproduces exactly up to `max_seq_len` tokens."""
+    cfg = model.config
+    if getattr(cfg, "model_type", None) not in SUPPORTED or getattr(cfg, "hidden_act", "silu") != "silu":
+        return False
+    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "mlp_bias", False) or not hasattr(model, "model"):
+        return False
+    for layer in model.model.layers:
+        window = getattr(layer.self_attn, "sliding_window", None)
+        if window is None and cfg.model_type == "mistral":
+            window = getattr(cfg, "sliding_window", None)
+        if window is not None and window < max_seq_len:  # a window that can bind is transformers' job
+            return False
+    return True
+
+
+@dataclass
+class _Layer:
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    norm1: torch.nn.Module
+    norm2: torch.nn.Module
+    q_norm: torch.nn.Module | None  # Qwen3 normalises each head of q and k
+    k_norm: torch.nn.Module | None
+
+
+def _cat(*ts):
+    return None if ts[0] is None else torch.cat(ts)
+
+
+def _pack(model) -> list[_Layer]:
+    out = []
+    for layer in model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        out.append(_Layer(qkv=torch.cat((a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)),
+                          qkv_bias=_cat(a.q_proj.bias, a.k_proj.bias, a.v_proj.bias),
+                          o=a.o_proj.weight, o_bias=a.o_proj.bias,
+                          gate_up=torch.cat((m.gate_proj.weight, m.up_proj.weight)), down=m.down_proj.weight,
+                          norm1=layer.input_layernorm, norm2=layer.post_attention_layernorm,
+                          q_norm=getattr(a, "q_norm", None), k_norm=getattr(a, "k_norm", None)))
+    return out
+
+
+class LlamaCache:
+    """Keys and values of every layer per slot: k, v (n_layers, n_slots, n_kv_heads, capacity, head_dim).
+
+    Capacity grows in small blocks as sequences lengthen (a model's context is often far longer than a rollout),
+    and decode attends over the whole capacity with a mask, so no step copies a strided slice of the cache and
+    at most a block of masked keys is read for nothing. A growth copies the cache once per block of tokens.
+    """
+
+    def __init__(self, n_layers: int, n_slots: int, n_kv: int, head_dim: int, max_len: int, dtype, device):
+        self.shape = (n_layers, n_slots, n_kv, 0, head_dim)
+        self.max_len, self.dtype, self.device = max_len, dtype, device
+        self.k = torch.zeros(self.shape, dtype=dtype, device=device)
+        self.v = torch.zeros(self.shape, dtype=dtype, device=device)
+        self.lengths = torch.zeros(n_slots, dtype=torch.long, device=device)
+
+    def ensure(self, length: int) -> None:
+        cap = self.k.shape[3]
+        if length <= cap:
+            return
+        new = min(self.max_len, -(-length // _BLOCK) * _BLOCK)
+        shape = (*self.shape[:3], new, self.shape[4])
+        for name in ("k", "v"):
+            grown = torch.zeros(shape, dtype=self.dtype, device=self.device)  # zeros: masked keys stay finite
+            grown[:, :, :, :cap] = getattr(self, name)
+            setattr(self, name, grown)
+
+    def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
+        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
+        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+
+class FastLlama(torch.nn.Module):
+    """A transformers Llama-family causal LM behind nanor1's model interface (see `Transformer.prefill`)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.hf = model
+        cfg = model.config
+        self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.scale = getattr(model.model.layers[0].self_attn, "scaling", self.head_dim ** -0.5)
+        self.max_seq_len = int(getattr(cfg, "max_position_embeddings", None) or 1 << 30)
+        self._layers, self._key = None, None
+
+    def layers(self) -> list[_Layer]:
+        """Packed weights for inference, kept while the parameters are unchanged (training changes them in
+        place, and the version counters say so)."""
+        key = tuple((p.data_ptr(), p._version) for p in self.hf.parameters())
+        if key != self._key:
+            with torch.no_grad():
+                self._layers, self._key = _pack(self.hf), key
+        return self._layers
+
+    def new_cache(self, n_slots: int, max_len: int | None = None) -> LlamaCache:
+        w = self.hf.model.embed_tokens.weight
+        return LlamaCache(len(self.hf.model.layers), n_slots, self.n_kv, self.head_dim,
+                          min(max_len or self.max_seq_len, self.max_seq_len), w.dtype, w.device)
+
+    def _qkv(self, layer: _Layer, x: torch.Tensor, cos, sin):
+        """Projected, normalised and rotated q (B, H, T, D), k and v (B, KV, T, D)."""
+        B, T, _ = x.shape
+        qkv = F.linear(_norm(layer.norm1, x), layer.qkv, layer.qkv_bias).view(B, T, -1, self.head_dim)
+        qk, v = qkv.split((self.n_heads + self.n_kv, self.n_kv), dim=2)
+        if layer.q_norm is not None:
+            q, k = qk.split((self.n_heads, self.n_kv), dim=2)
+            qk = torch.cat((_norm(layer.q_norm, q), _norm(layer.k_norm, k)), dim=2)
+        q, k = _rope(qk.transpose(1, 2), cos, sin).split((self.n_heads, self.n_kv), dim=1)  # one rotation for both
+        return q, k, v.transpose(1, 2)
+
+    def _finish(self, layer: _Layer, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """Residual output projection, then the SwiGLU MLP; attn: (B, T, H * D)."""
+        x = x + F.linear(attn, layer.o, layer.o_bias)
+        gate, up = F.linear(_norm(layer.norm2, x), layer.gate_up).chunk(2, dim=-1)
+        return x + F.linear(F.silu(gate) * up, layer.down)
+
+    @torch.no_grad()
+    def prefill(self, idx: torch.Tensor, cache: LlamaCache, slots, last: torch.Tensor) -> torch.Tensor:
+        """Right-padded prompts (B, T) from position 0 into cache rows `slots`; returns (B, V) logits at the
+        positions `last` (each prompt's final token). Padding sits after each prompt, so causal attention
+        never lets a real token see it; the caller sets cache.lengths."""
+        B, T = idx.shape
+        cache.ensure(T)
+        x = self.hf.model.embed_tokens(idx)
+        cos, sin = self._rope_tables(x, torch.arange(T, device=idx.device)[None].expand(B, T))
+        g = self.n_heads // self.n_kv
+        for i, layer in enumerate(self.layers()):
+            q, k, v = self._qkv(layer, x, cos, sin)
+            cache.k[i, slots, :, :T], cache.v[i, slots, :, :T] = k, v
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=g > 1)
+            x = self._finish(layer, x, o.transpose(1, 2).reshape(B, T, -1))
+        return self._head(x[torch.arange(B, device=idx.device), last]).float()
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor, cache: LlamaCache, slots, positions: torch.Tensor) -> torch.Tensor:
+        """One token per sequence: tokens (B,) at `positions` (B,) in cache rows `slots`; returns (B, V)."""
+        B = tokens.shape[0]
+        cache.ensure(int(positions.max()) + 1)
+        rows = torch.arange(slots.start, slots.stop, device=tokens.device) if isinstance(slots, slice) else slots
+        x = self.hf.model.embed_tokens(tokens[:, None])
+        cos, sin = self._rope_tables(x, positions[:, None])
+        keep = torch.arange(cache.k.shape[3], device=tokens.device)[None, :] <= positions[:, None]
+        bias = torch.zeros(keep.shape, dtype=cache.dtype, device=tokens.device).masked_fill_(~keep, float("-inf"))
+        bias = bias[:, None, None]  # (B, 1, 1, capacity)
+        H, KV, D = self.n_heads, self.n_kv, self.head_dim
+        for i, layer in enumerate(self.layers()):
+            q, k, v = self._qkv(layer, x, cos, sin)
+            cache.k[i, rows, :, positions], cache.v[i, rows, :, positions] = k[:, :, 0], v[:, :, 0]
+            keys, values = cache.k[i, slots], cache.v[i, slots]  # (B, KV, capacity, D)
+            # grouped-query attention without repeating keys: each kv head serves H // KV query heads
+            scores = torch.matmul(q.reshape(B, KV, H // KV, D), keys.transpose(-1, -2)).mul_(self.scale)
+            o = torch.matmul(torch.softmax(scores.add_(bias), dim=-1), values)  # (B, KV, H // KV, D)
+            x = self._finish(layer, x, o.reshape(B, 1, H * D))
+        return self._head(x[:, 0]).float()
+
+    def _head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.hf.lm_head(_norm(self.hf.model.norm, h))
+
+    def _rope_tables(self, x: torch.Tensor, positions: torch.Tensor):
+        """cos, sin (B, 1, T, D) in x's dtype from the model's own rotary embedding (with any rope scaling)."""
+        cos, sin = self.hf.model.rotary_emb(x, positions)
+        return cos[:, None], sin[:, None]
+
+
+def _norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The family's RMSNorm (weight * x / rms(x), eps inside the root) as PyTorch's fused kernel."""
+    return F.rms_norm(x, x.shape[-1:], norm.weight.to(x.dtype), norm.variance_epsilon)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding in the "rotate half" layout of the Hugging Face Llama family."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin

@@ -1,0 +1,83 @@
+"""nanor1.hf_llama samples from Llama-family transformers models with its own code: its cached decoding must give
+transformers' logits, for each family it accepts."""
+
+import warnings
+
+import pytest
+import torch
+
+from nanor1.engine import ModelBackend
+from nanor1.hf_llama import FastLlama, supports
+
+VOCAB = 97
+
+
+def _family(name: str, **extra):
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+    config, model = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+                     "qwen3": (Qwen3Config, Qwen3ForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}[name]
+    kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=160, initializer_range=0.1, tie_word_embeddings=False)
+    if name == "mistral":
+        kw["sliding_window"] = None
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m = model(config(**{**kw, **extra})).eval()
+    for p in m.parameters():  # biases and norm weights start at 0 and 1: make them count
+        if p.dim() == 1:
+            p.data.add_(0.1 * torch.randn_like(p))
+    return m
+
+
+FAMILIES = ["llama", "qwen2", "qwen3", "mistral"]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_cached_decoding_gives_transformers_logits(name):
+    """Prefill (prompts of different lengths, one repeated) and 70 decode steps, which grow the cache past several
+    blocks, against transformers' forward over each whole sequence."""
+    model = _family(name)
+    assert supports(model, 160)
+    backend = ModelBackend(FastLlama(model), n_slots=4)
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (5, 9, 2)]
+    prompts.append(prompts[1])
+    seqs = [list(p) for p in prompts]
+    logits = [backend.prefill(prompts, [0, 1, 2, 3])]
+    for _ in range(70):
+        tokens = torch.randint(0, VOCAB, (4,), generator=g)
+        for s, t in zip(seqs, tokens.tolist()):
+            s.append(t)
+        logits.append(backend.decode(tokens, [0, 1, 2, 3]))
+    for b, s in enumerate(seqs):
+        with torch.no_grad():
+            ref = model(torch.tensor([s])).logits[0, len(prompts[b]) - 1:]
+        ours = torch.stack([step[b] for step in logits])
+        assert (ours - ref).abs().max() < 1e-4, (name, b)
+
+
+def test_decoding_follows_weights_changed_in_place():
+    """An optimizer step changes the parameters in place: the packed weights must be rebuilt, not reused."""
+    model = _family("llama")
+    backend = ModelBackend(FastLlama(model), n_slots=1)
+    prompt = [3, 1, 4, 1, 5]
+    before = backend.prefill([prompt], [0])
+    backend.release(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    after = backend.prefill([prompt], [0])
+    with torch.no_grad():
+        ref = model(torch.tensor([prompt])).logits[0, -1]
+    assert (after[0] - ref).abs().max() < 1e-4 and (before - after).abs().max() > 1e-2
+
+
+def test_only_what_it_reproduces_is_accepted():
+    assert not supports(_family("llama", hidden_act="gelu"), 160)  # another MLP
+    assert not supports(_family("llama", mlp_bias=True), 160)
+    assert not supports(_family("mistral", sliding_window=16), 160)  # a window shorter than the context binds
+    assert supports(_family("mistral", sliding_window=256), 160)  # a window longer than the context never does
+    from transformers import GPT2Config, GPT2LMHeadModel
+    assert not supports(GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2)), 160)
