@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 _BLOCK = 16  # cache positions are added this many at a time
 
