@@ -145,14 +145,15 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
                   generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row; returns (tokens, logprobs under softmax(logits / T)).
 
-    Rows with temperature 0 are greedy. Top-k then top-p filter the distribution; the draw is Gumbel-max
-    with noise from each row's own generator, so a row's sample does not depend on its batch-mates.
+    Rows with temperature 0 are greedy. Top-k then top-p filter the distribution; the draw inverts the
+    filtered distribution's CDF at one uniform number from each row's own generator, so a row's sample does not
+    depend on its batch-mates (and costs one random number, not one per vocabulary entry as Gumbel-max would).
     """
     logits = logits.float()
     greedy = temperature <= 0
     scaled = logits / torch.where(greedy, 1.0, temperature).unsqueeze(1)
     logprobs = torch.log_softmax(scaled, dim=-1)
-    filtered = logprobs.clone()
+    filtered = logprobs
     V = logits.shape[-1]
     if bool((top_k > 0).any()):
         k = torch.where(top_k > 0, top_k.clamp(max=V), V)
@@ -166,10 +167,11 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     if bool(greedy.all()):  # no noise to draw: every row takes its argmax
         tokens = logits.argmax(-1)
         return tokens, logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
-    noise = torch.stack([torch.rand(V, generator=g) for g in generators]).to(logits.device)
-    gumbel = -torch.log(-torch.log(noise.clamp(min=1e-20)))
-    sampled = (filtered + gumbel).argmax(-1)
-    tokens = torch.where(greedy, logits.argmax(-1), sampled)
+    u = torch.stack([torch.rand(1, generator=g) for g in generators]).to(logits.device)  # (B, 1) in [0, 1)
+    cdf = filtered.exp().cumsum_(-1)  # filtering removed mass: the CDF ends at the kept total, not 1
+    # the first token whose CDF exceeds u x total; filtered-out tokens add nothing, so they are never the first
+    sampled = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp(max=V - 1)
+    tokens = torch.where(greedy, logits.argmax(-1), sampled) if bool(greedy.any()) else sampled
     return tokens, logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
 
 

@@ -90,6 +90,21 @@ def test_top_k_and_top_p_filter():
     assert set(tok.tolist()) <= {0, 1}
 
 
+def test_samples_follow_the_tempered_distribution():
+    """20,000 draws (one generator per row) from softmax(logits / T), with a zero-probability token and a filtered
+    one: each token's frequency is within 4 standard errors of its probability, and excluded tokens never come."""
+    n = 20_000
+    logits = torch.tensor([[2.0, 1.0, 0.5, float("-inf"), -1.0, 0.0]]).expand(n, 6)
+    gens = [torch.Generator().manual_seed(i) for i in range(n)]
+    tok, _ = sample_tokens(logits, torch.full((n,), 0.8), torch.full((n,), 4), torch.ones(n), gens)
+    probs = torch.softmax(logits[0] / 0.8, -1)
+    probs[4] = 0.0  # top_k 4 keeps 2, 1, 0.5 and 0: it drops -1 (and -inf)
+    probs /= probs.sum()
+    freq = torch.bincount(tok, minlength=6).double() / n
+    assert freq[3] == 0 and freq[4] == 0
+    assert ((freq - probs).abs() <= 4 * (probs * (1 - probs) / n).sqrt() + 1e-12).all(), (freq, probs)
+
+
 def test_prompt_longer_than_context_is_a_clear_error(tiny_model):
     import pytest
     from nanor1.common import NanoR1Error
