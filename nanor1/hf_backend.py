@@ -117,8 +117,12 @@ def shared_prompt_logits(model, prompts: torch.Tensor, prompt_lens: torch.Tensor
     cache_kw = _cache_kw(model)
     keep = torch.arange(P, device=prompts.device)[None, :] < prompt_lens[:, None]
     cache = DynamicCache(config=model.config)
-    out = model(input_ids=prompts, attention_mask=keep.long(), use_cache=True, **{cache_kw: cache})
-    first = out.logits[torch.arange(n, device=prompts.device), prompt_lens - 1].repeat_interleave(g, 0)[:, None]
+    ends, kw = prompt_lens - 1, {}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        # only each prompt's last position is scored: the output head runs at those columns, not all P
+        kw["logits_to_keep"], ends = torch.unique(ends, return_inverse=True)
+    out = model(input_ids=prompts, attention_mask=keep.long(), use_cache=True, **{cache_kw: cache}, **kw)
+    first = out.logits[torch.arange(n, device=prompts.device), ends].repeat_interleave(g, 0)[:, None]
     if T == 0:
         return first
     cache.batch_repeat_interleave(g)
