@@ -1,6 +1,6 @@
 """Training throughput and MFU: nanor1's training step against a transformers DeepseekV3 loop of the same shape.
 
-The `speedrun` preset at batch 64 x 128 tokens, bf16 autocast, AdamW, gradient clipping and one optimizer step
+The `speedrun` preset at batch 64 x 128 tokens, bf16 autocast, fused AdamW, gradient clipping and one optimizer step
 per iteration; ours also applies the MoE bias update, as `nanor1.train.train_loop` does. transformers' DeepseekV3
 has no MTP module, so ours runs twice: as configured (with its MTP loss) and with n_mtp_layers=0 (like for
 like). --dense adds ours with every layer dense (no MoE). --compile adds ours under torch.compile (as
@@ -67,8 +67,9 @@ def main() -> None:
         hf = export_hf(ours["ours (no MTP)"], Path(d))
     hf.train()
     opts = {name: make_optimizer(m.train(), optim) for name, m in ours.items()}
+    # fused, as transformers' Trainer defaults to (optim="adamw_torch_fused" with torch >= 2.8) and as ours is
     hf_opt = torch.optim.AdamW(hf.parameters(), lr=optim.lr, betas=(optim.beta1, optim.beta2),
-                               weight_decay=optim.weight_decay)
+                               weight_decay=optim.weight_decay, fused=True)
 
     forwards = {name: m for name, m in ours.items()}
     if args.compile:
