@@ -76,3 +76,21 @@ def test_pretrain_then_grpo_on_the_device(tmp_path):
     final = grpo(GRPOConfig(model=str(base), out_dir=str(tmp_path / "grpo"), steps=2, prompts_per_step=2,
                             group_size=4, max_new_tokens=16, micro_batch=4, progress=False, device=str(DEVICE)))
     assert (final / "manifest.json").is_file()
+
+
+def test_fast_llama_decoding_on_the_device():
+    """FastLlama's cached decode (nanor1.hf_llama) on the device against transformers' forward there, with
+    sampling through the engine; the cache grows past a block."""
+    from test_hf_llama import VOCAB, _family
+    from nanor1.engine import ModelBackend
+    from nanor1.hf_llama import FastLlama
+    model = _family("llama").to(DEVICE)
+    prompts = [[1, 2, 3], [5, 6, 7, 8, 9], [5, 6, 7, 8, 9]]
+    eng = Engine(None, None, backend=ModelBackend(FastLlama(model), 4), seed=0)
+    outs = eng.generate(prompts, SamplingParams(max_new_tokens=20, temperature=0))
+    for p, o in zip(prompts, outs):
+        ids = list(p)
+        with torch.no_grad():
+            for _ in range(20):
+                ids.append(int(model(torch.tensor([ids], device=DEVICE)).logits[0, -1].argmax()))
+        assert o.ids == ids[len(p):] and max(ids) < VOCAB
