@@ -342,6 +342,39 @@ def test_load_engine_from_a_checkpoint_and_busy_ports(tok, tmp_path):
         load_engine(str(tmp_path / "missing"))
 
 
+def test_serve_a_hugging_face_llama_with_continuous_batching(tok, tmp_path):
+    """A local Llama folder served as nanor1 serves its own models: through FastLlama, requests join the running
+    batch, and concurrent greedy completions are what transformers' generate() gives for each prompt alone."""
+    import concurrent.futures as cf
+    import warnings
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from nanor1.engine import ModelBackend
+    from nanor1.hf_backend import save_hf_policy
+    from nanor1.serve.server import create_app
+    from serve_helpers import BackgroundServer
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, initializer_range=0.1)
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        llama = LlamaForCausalLM(cfg).eval()
+    engine, tok2 = load_engine(str(save_hf_policy(tmp_path / "llama", llama, tok, kind="test")), max_batch=4)
+    assert isinstance(engine.backend, ModelBackend) and engine.backend.continuous
+    prompts = ["the quick brown", "what is 2 + 2?", "hello there", "the lazy dog", "fox"] * 2
+    with BackgroundServer(create_app(engine, tok2, "llama")) as server, cf.ThreadPoolExecutor(10) as pool:
+        c = client(server)
+        got = list(pool.map(lambda p: c.completions.create(model="llama", prompt=p, max_tokens=10, temperature=0)
+                            .choices[0].text, prompts))
+    for p, text in zip(prompts, got):
+        ids = tok.encode(p)
+        ref = llama.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=10, eos_token_id=tok.eos_id,
+                             pad_token_id=tok.pad_id)[0, len(ids):].tolist()
+        assert text == tok.decode(ref[:ref.index(tok.eos_id)] if tok.eos_id in ref else ref), p
+
+
 @pytest.mark.slow
 def test_serve_a_checkpoint_with_the_key_from_the_environment(tok, tmp_path):
     """`serve()` as the CLI runs it, in its own process: a saved checkpoint, NANOR1_API_KEY, loopback only."""
