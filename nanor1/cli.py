@@ -17,19 +17,36 @@ from nanor1.common import NanoR1Error
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     """Every stage takes a YAML config and key=value overrides."""
     p.add_argument("--config", help="YAML file with the run config")
-    p.add_argument("overrides", nargs="*", help="config overrides as key=value (e.g. lr=3e-4 steps=100)")
+    p.add_argument("overrides", nargs="*", help="settings as key=value, nested ones dotted (e.g. steps=100 "
+                   "optim.lr=3e-4); --help lists them all with their defaults")
 
 
 COMMANDS: list[tuple[str, str, callable, callable]] = []  # (name, help, add_parser, run)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A subcommand's parser; a stage's --help ends with every setting of its config and its default (the
+    config class is imported only then, so other commands start without loading torch)."""
+    config: tuple[str, str] | None = None  # (module, class)
+
+    def format_help(self) -> str:
+        text = super().format_help()
+        if self.config is None:
+            return text
+        import importlib
+        from nanor1.config import describe
+        cls = getattr(importlib.import_module(self.config[0]), self.config[1])
+        return text + "\nsettings (key=value; defaults shown):\n" + "".join(f"  {line}\n" for line in describe(cls()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanor1", description="The DeepSeek-R1 recipe, end to end, small and fast.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for name, help_text, add, run in COMMANDS:
         p = sub.add_parser(name, help=help_text, description=help_text)
         add(p)
+        p.config = getattr(run, "config", None)
         p.set_defaults(_run=run)
     return parser
 
@@ -109,6 +126,7 @@ def _stage(module: str, fn: str, cls: str):
         cfg = load_config(getattr(mod, cls), args.config, args.overrides)
         out = getattr(mod, fn)(cfg)
         print(f"done: {out}")
+    run.config = (module, cls)
     return run
 
 
@@ -126,6 +144,9 @@ def _cmd_eval(args):
         print(format_compare_markdown(run_compare(cfg, *args.compare)))
     else:
         print(format_results_markdown(evaluate(cfg)))
+
+
+_cmd_eval.config = ("nanor1.evaluate", "EvalConfig")
 
 
 def _add_report(p):
@@ -147,6 +168,9 @@ def _cmd_speedrun(args):
     from nanor1.speedrun import SpeedrunConfig, speedrun
     base = SpeedrunConfig.quick() if args.quick else SpeedrunConfig()
     speedrun(load_config(SpeedrunConfig, args.config, args.overrides, base=base))
+
+
+_cmd_speedrun.config = ("nanor1.speedrun", "SpeedrunConfig")
 
 
 def _add_serve(p):

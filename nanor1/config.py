@@ -116,6 +116,16 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
+def describe(cfg: Any) -> list[str]:
+    """`key=default` for every setting of a config, nested ones as dotted keys (what a stage's --help lists)."""
+    def flat(data: Any, prefix: str) -> list[str]:
+        if isinstance(data, dict) and data:
+            return [line for k, v in data.items() for line in flat(v, f"{prefix}{k}.")]
+        shown = data if isinstance(data, str) and data else yaml.safe_dump(data, default_flow_style=True).strip()
+        return [f"{prefix[:-1]}={shown.removesuffix(chr(10) + '...').strip()}"]
+    return flat(to_dict(cfg), "")
+
+
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `a.b=value` strings onto a nested dict (values parsed as YAML scalars)."""
     data = dict(data)

@@ -200,3 +200,24 @@ def test_annealing_draws_the_last_steps_from_the_anneal_corpus(tmp_path, monkeyp
     assert anneal_len[0] is not None
     train_steps = {step: src for seed, step, src in seen if seed == 0}  # the validation batches use seed + 1
     assert [train_steps[s] for s in range(5)] == ["main", "main", "main", "anneal", "anneal"]
+
+
+def test_every_stage_lists_its_settings_in_help_as_valid_overrides(capsys):
+    """`nanor1 <stage> --help` ends with every setting and its default; each listed line is itself a valid
+    override, and applying them all gives back the default config."""
+    import importlib
+    from nanor1.cli import main
+    from nanor1.config import apply_overrides, describe, from_dict
+    stages = {"pretrain": ("nanor1.pretrain", "PretrainConfig"), "sft": ("nanor1.sft", "SFTConfig"),
+              "grpo": ("nanor1.grpo", "GRPOConfig"), "rejection-sample": ("nanor1.rejection", "RejectionConfig"),
+              "distill": ("nanor1.distill", "DistillConfig"), "eval": ("nanor1.evaluate", "EvalConfig"),
+              "speedrun": ("nanor1.speedrun", "SpeedrunConfig")}
+    for command, (module, name) in stages.items():
+        cls = getattr(importlib.import_module(module), name)
+        lines = describe(cls())
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        shown = capsys.readouterr().out
+        assert all(f"  {line}\n" in shown for line in lines), command
+        assert from_dict(cls, apply_overrides({}, lines)) == cls(), command
+    assert "rollout_dtype=float32" in describe(getattr(importlib.import_module("nanor1.grpo"), "GRPOConfig")())
