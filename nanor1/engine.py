@@ -81,8 +81,8 @@ def distinct_prompts(prompts: list[list[int]]) -> tuple[list[list[int]], torch.T
 
 
 class ModelBackend:
-    """A model with a per-slot cache (nanor1's Transformer and its MLA latents, or a `LlamaDecoder`): any request
-    may join at any step."""
+    """A model with a per-slot cache (nanor1's Transformer and its MLA latents, or a Llama-family Hugging Face
+    model run by `nanor1.hf_llama.FastLlama`): any request may join at any step."""
     continuous = True
 
     def __init__(self, model, n_slots: int, max_seq_len: int | None = None):
@@ -169,8 +169,11 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
         return tokens, logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
     u = torch.stack([torch.rand(1, generator=g) for g in generators]).to(logits.device)  # (B, 1) in [0, 1)
     cdf = filtered.exp().cumsum_(-1)  # filtering removed mass: the CDF ends at the kept total, not 1
-    # the first token whose CDF exceeds u x total; filtered-out tokens add nothing, so they are never the first
-    sampled = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(1).clamp(max=V - 1)
+    total = cdf[:, -1:]
+    # kept below the total even where u x total rounds up to it, so some CDF entry always exceeds it
+    target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    # the first token whose CDF exceeds the target: filtered-out tokens add nothing, so they are never the first
+    sampled = torch.searchsorted(cdf, target, right=True).squeeze(1)
     tokens = torch.where(greedy, logits.argmax(-1), sampled) if bool(greedy.any()) else sampled
     return tokens, logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
 

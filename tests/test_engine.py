@@ -105,6 +105,14 @@ def test_samples_follow_the_tempered_distribution():
     assert ((freq - probs).abs() <= 4 * (probs * (1 - probs) / n).sqrt() + 1e-12).all(), (freq, probs)
 
 
+def test_a_draw_at_the_top_of_the_cdf_never_takes_a_filtered_token(monkeypatch):
+    """u x total can round up to the total; the draw must still land on the last kept token, not past it."""
+    logits = torch.tensor([[1.0, 2.0, 3.0, -5.0]])
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.ones(1))  # the worst case: u x total == total
+    tok, _ = sample_tokens(logits, torch.ones(1), torch.full((1,), 3), torch.ones(1), [torch.Generator()])
+    assert tok.tolist() == [2]
+
+
 def test_prompt_longer_than_context_is_a_clear_error(tiny_model):
     import pytest
     from nanor1.common import NanoR1Error

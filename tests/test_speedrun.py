@@ -40,6 +40,12 @@ def test_report_and_findings(quick_run):
                   "distilling"):
         assert claim in names
     assert findings["peak_memory_gib"] < 4.0
+    # majority voting rows carry the paired difference over the same problems: its mean is cons@k - pass@1
+    base_res = json.loads((out / "eval" / "base" / "results.json").read_text())
+    lenient = base_res["tasks"]["chain_sum"]["metrics"]["lenient"]
+    diff = lenient[f"cons@{base_res['k']}"]["value"] - lenient["pass@1"]["value"]
+    row = next(f for f in findings["findings"] if f["finding"].startswith("majority voting helps (base"))
+    assert f"difference {100 * diff:+.1f} pts" in row["measured"] and "within_noise" in row
     assert "report:" in r.stdout and "overall ETA" in r.stdout
     # what R1-Zero had to work with: the base's reasoning split, with the evaluation's own numbers
     m = json.loads((out / "eval" / "base" / "results.json").read_text())["tasks"]["chain_sum"]["metrics"]
