@@ -12,11 +12,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import start  # noqa: E402
+from common import start, take_turns  # noqa: E402
 
 
 def main() -> None:
@@ -52,12 +51,7 @@ def main() -> None:
     (o1, g1), (o2, g2) = results.values()
     err = max([float((o1 - o2).abs().max())] + [float((a - b).abs().max()) for a, b in zip(g1, g2)])
     print(f"max abs difference of outputs and gradients (bf16): {err:.4f} (output scale {float(o1.abs().max()):.2f})")
-    times: dict[str, list[float]] = {name: [] for name in sides}
-    for _ in range(args.reps):
-        for name, fn in sides.items():
-            t0 = time.perf_counter()
-            run(fn)
-            times[name].append(time.perf_counter() - t0)
+    times = take_turns({name: (lambda fn=fn: run(fn)) for name, fn in sides.items()}, args.reps)
     med = {name: statistics.median(ts) for name, ts in times.items()}
     for name, m in med.items():
         print(f"{name:>16}: {m * 1e3:6.1f} ms per forward + backward (batch {B}, {H} heads, {T} tokens)")

@@ -51,6 +51,19 @@ def export_hf(model, folder: Path):
     return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True).eval()
 
 
+def take_turns(sides: dict, reps: int) -> dict[str, list[float]]:
+    """Seconds per call of each side's function, over `reps` rounds in which the sides take turns, so a busy
+    CPU slows every side alike. Warm each side up first."""
+    import time
+    times: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(reps):
+        for name, fn in sides.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
 def start(threads: int) -> None:
     """What every bench does first: tune the CPU runtime as nanor1's CLI does (both sides of every comparison
     run in this process, so both get it), set torch's threads, print the machine and the command, warn if

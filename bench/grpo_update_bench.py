@@ -13,11 +13,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import start  # noqa: E402
+from common import start, take_turns  # noqa: E402
 
 
 def main() -> None:
@@ -57,24 +56,20 @@ def main() -> None:
             logits = model.forward_shared_prompts(prompts[ps], torch.full((ps.stop - ps.start,), P), comps[rows, :-1])
         return gather_logprobs(logits, comps[rows])
 
-    def step(score) -> float:
-        t = time.perf_counter()
+    def step(score) -> None:
         for c in range(2):
             rows = slice(c * 64, (c + 1) * 64)
             (score(rows) * real[rows]).sum().backward()
         model.zero_grad(set_to_none=True)
-        return time.perf_counter() - t
 
     with torch.no_grad():
         diff = float(((whole_rows(slice(0, 64)) - shared(slice(0, 64))).abs() * real[:64]).max())
     print(f"{n} prompts of {P} tokens x G={G}, completions of {C // 3}-{C} tokens (mean {lens.float().mean():.1f}); "
           f"max |log-prob difference| {diff:.4f} (bf16)")
-    times: dict[str, list[float]] = {"whole rows": [], "one prompt pass per group": []}
-    for rep in range(args.reps + 1):
-        for name, score in (("whole rows", whole_rows), ("one prompt pass per group", shared)):
-            dt = step(score)
-            if rep:  # the first round warms up
-                times[name].append(dt)
+    sides = {"whole rows": lambda: step(whole_rows), "one prompt pass per group": lambda: step(shared)}
+    for warm_up in sides.values():
+        warm_up()
+    times = take_turns(sides, args.reps)
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in med.items():
         print(f"{k:>26}: {v:.3f} s per update (median of {args.reps})")

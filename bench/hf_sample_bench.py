@@ -17,11 +17,10 @@ import copy
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import command, machine, start  # noqa: E402
+from common import command, machine, start, take_turns  # noqa: E402
 
 SHAPES = {  # (hidden, layers, heads, kv heads, intermediate, vocab, tied embeddings)
     "smollm2": (576, 30, 9, 3, 1536, 49152, True),  # SmolLM2-135M
@@ -96,14 +95,9 @@ def main() -> None:
              "nanor1 engine, transformers forward fp32": engine(HFBackend(model, B)),
              "nanor1 engine, FastLlama fp32": engine(ModelBackend(FastLlama(model), B)),
              "nanor1 engine, FastLlama bf16 copy": engine(ModelBackend(FastLlama(bf16), B))}
-    times: dict[str, list[float]] = {k: [] for k in sides}
     for run in sides.values():  # warm-up
         run()
-    for _ in range(args.reps):
-        for name, run in sides.items():
-            t = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - t)
+    times = take_turns(sides, args.reps)
     ref = statistics.median(times["transformers generate() fp32"])
     print(f"{'side':<42} {'s (median)':>10} {'tokens/s':>9} {'vs generate() fp32':>19}")
     for name, ts in times.items():
