@@ -12,7 +12,7 @@ import collections
 import itertools
 import random
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 
@@ -129,7 +129,7 @@ class _Request:
     id: int
     prompt_ids: list[int]
     params: SamplingParams
-    generator: torch.Generator
+    rng: random.Random  # the request's own stream of uniforms, one per sampled token
     stop_ids: frozenset[int]
     track_text: bool
     slot: int = -1
@@ -142,12 +142,13 @@ class _Request:
 
 
 def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                  generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+                  u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row; returns (tokens, logprobs under softmax(logits / T)).
 
     Rows with temperature 0 are greedy. Top-k then top-p filter the distribution; the draw inverts the
-    filtered distribution's CDF at one uniform number from each row's own generator, so a row's sample does not
-    depend on its batch-mates (and costs one random number, not one per vocabulary entry as Gumbel-max would).
+    filtered distribution's CDF at the row's uniform number u (B,) in [0, 1], which the engine takes from the
+    request's own random stream, so a row's sample does not depend on its batch-mates (and costs one random
+    number, not one per vocabulary entry as Gumbel-max would).
     """
     logits = logits.float()
     greedy = temperature <= 0
@@ -167,7 +168,7 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     if bool(greedy.all()):  # no noise to draw: every row takes its argmax
         tokens = logits.argmax(-1)
         return tokens, logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
-    u = torch.stack([torch.rand(1, generator=g) for g in generators]).to(logits.device)  # (B, 1) in [0, 1)
+    u = u.to(logits.device, torch.float32).unsqueeze(1)
     cdf = filtered.exp().cumsum_(-1)  # filtering removed mass: the CDF ends at the kept total, not 1
     total = cdf[:, -1:]
     # kept below the total even where u x total rounds up to it, so some CDF entry always exceeds it
@@ -199,11 +200,11 @@ class Engine:
         if len(prompt_ids) >= self.max_seq_len:
             raise NanoR1Error(f"prompt of {len(prompt_ids)} tokens does not fit the context of {self.max_seq_len} "
                               "tokens; shorten it")
-        gen = torch.Generator().manual_seed(params.seed if params.seed is not None else self._rng.getrandbits(63))
+        rng = random.Random(params.seed if params.seed is not None else self._rng.getrandbits(63))
         stop = set(params.stop_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_id is not None:
             stop.add(self.tokenizer.eos_id)
-        req = _Request(next(self._ids), list(prompt_ids), params, gen, frozenset(stop),
+        req = _Request(next(self._ids), list(prompt_ids), params, rng, frozenset(stop),
                        track_text=stream or bool(params.stop_strings))
         self.waiting.append(req)
         self._by_id[req.id] = req
@@ -256,7 +257,7 @@ class Engine:
         p, V = [r.params for r in reqs], logits.shape[-1]  # a top_k above V keeps every token (and overflows int64)
         tokens, logprobs = sample_tokens(
             logits, torch.tensor([x.temperature for x in p]), torch.tensor([min(x.top_k, V) for x in p]),
-            torch.tensor([x.top_p for x in p]), [r.generator for r in reqs])
+            torch.tensor([x.top_p for x in p]), torch.tensor([r.rng.random() for r in reqs]))
         outs = []
         for req, tok, lp in zip(reqs, tokens.tolist(), logprobs.tolist()):
             outs.append(self._append(req, tok, lp))
@@ -268,11 +269,13 @@ class Engine:
             return self._finish(req, None, None)
         req.ids.append(tok)
         req.logprobs.append(lp)
-        text = self.tokenizer.decode(req.ids) if req.track_text else ""
-        cut = min((i for s in req.params.stop_strings if (i := text.find(s)) >= 0), default=-1)
-        if cut >= 0:
-            req.finish_reason = "stop"
-            return self._finish(req, tok, lp, final_text=text[:cut])
+        text = ""
+        if req.track_text:  # only streams and stop strings need the text at every token
+            text = self.tokenizer.decode(req.ids)
+            cut = min((i for s in req.params.stop_strings if (i := text.find(s)) >= 0), default=-1)
+            if cut >= 0:
+                req.finish_reason = "stop"
+                return self._finish(req, tok, lp, final_text=text[:cut])
         if len(req.ids) >= req.params.max_new_tokens or len(req.prompt_ids) + len(req.ids) >= self.max_seq_len:
             req.finish_reason = "length"
             return self._finish(req, tok, lp)

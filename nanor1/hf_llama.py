@@ -109,11 +109,14 @@ class FastLlama(torch.nn.Module):
         self.scale = getattr(model.model.layers[0].self_attn, "scaling", self.head_dim ** -0.5)
         self.max_seq_len = int(getattr(cfg, "max_position_embeddings", None) or 1 << 30)
         self._layers, self._key = None, None
+        self._params = list(model.parameters())  # listed once: walking the modules costs more than a decode op
+        self._rope = None  # (cos, sin) for positions 0..n-1, see _rope_tables
 
     def layers(self) -> list[_Layer]:
-        """Packed weights for inference, kept while the parameters are unchanged (training changes them in
-        place, and the version counters say so)."""
-        key = tuple((p.data_ptr(), p._version) for p in self.hf.parameters())
+        """Packed weights for inference, kept while the parameters are unchanged: training and `load_state_dict`
+        change them in place, and their version counters (or storage, after `.to()`) say so. A parameter object
+        swapped for a new one is not seen; build a new FastLlama after that."""
+        key = tuple((p.data_ptr(), p._version) for p in self._params)
         if key != self._key:
             with torch.no_grad():
                 self._layers, self._key = _pack(self.hf), key
@@ -184,9 +187,22 @@ class FastLlama(torch.nn.Module):
         return self.hf.lm_head(_norm(self.hf.model.norm, h))
 
     def _rope_tables(self, x: torch.Tensor, positions: torch.Tensor):
-        """cos, sin (B, 1, T, D) in x's dtype from the model's own rotary embedding (with any rope scaling)."""
-        cos, sin = self.hf.model.rotary_emb(x, positions)
-        return cos[:, None], sin[:, None]
+        """cos, sin (B, 1, T, D) in x's dtype from the model's own rotary embedding (with any rope scaling).
+
+        Each position's angles depend on that position alone, so rows of one table computed for positions
+        0..n-1 equal what the embedding gives per call, at one lookup per step instead of its five ops. Rope
+        types whose frequencies follow the sequence length (dynamic NTK, LongRoPE) are called per step."""
+        rotary = self.hf.model.rotary_emb
+        if getattr(rotary, "rope_type", "default") in ("dynamic", "longrope"):
+            cos, sin = rotary(x, positions)
+            return cos[:, None], sin[:, None]
+        need = int(positions.max()) + 1
+        table = self._rope
+        if table is None or table[0].shape[0] < need or (table[0].dtype, table[0].device) != (x.dtype, x.device):
+            n = max(need, min(max(256, 2 * (0 if table is None else table[0].shape[0])), self.max_seq_len))
+            cos, sin = rotary(x, torch.arange(n, device=x.device)[None])
+            self._rope = table = cos[0], sin[0]
+        return table[0][positions][:, None], table[1][positions][:, None]
 
 
 def _norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

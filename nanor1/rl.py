@@ -180,12 +180,14 @@ def policy_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor
 
 # ----------------------------------------------------------------------------- log-probs and entropy
 
-def gather_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
+def gather_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0,
+                    chunk_values: int = 1 << 24) -> Tensor:
     """log softmax(logits / temperature)[tokens] in float32: logits (N, T, V), tokens (N, T) -> (N, T).
 
     Computed as z[token] - logsumexp(z), which never materialises the (N, T, V) log-softmax; low-precision
-    logits are upcast one sequence at a time, so the float32 copy is (T, V). Use the rollout's temperature:
-    the engine's logprobs (old_logp) are under softmax(logits / temperature).
+    logits are upcast a few sequences at a time (at most `chunk_values` values), which bounds the float32
+    temporaries for a large vocabulary and costs a few ops, not a handful per sequence, for a small one. Use
+    the rollout's temperature: the engine's logprobs (old_logp) are under softmax(logits / temperature).
     """
     if temperature <= 0:
         raise NanoR1Error(f"temperature={temperature}: log-probs need temperature > 0 (greedy rollouts "
@@ -196,11 +198,12 @@ def gather_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) ->
     if logits.dtype in (torch.float32, torch.float64):
         z = logits if temperature == 1.0 else logits / temperature
         return (z.gather(-1, tokens).squeeze(-1) - torch.logsumexp(z, dim=-1)).float()
-    rows = []
-    for z_row, t_row in zip(logits, tokens):                        # (T, V), (T, 1)
-        z = z_row.float() / temperature
-        rows.append(z.gather(-1, t_row).squeeze(-1) - torch.logsumexp(z, dim=-1))
-    return torch.stack(rows)
+    per_chunk = max(1, chunk_values // max(1, logits.shape[1] * logits.shape[2]))
+    parts = []
+    for z_part, t_part in zip(logits.split(per_chunk), tokens.split(per_chunk)):  # (n, T, V), (n, T, 1)
+        z = z_part.float() / temperature
+        parts.append(z.gather(-1, t_part).squeeze(-1) - torch.logsumexp(z, dim=-1))
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 @torch.no_grad()

@@ -247,10 +247,11 @@ def test_gather_logprobs_bf16_in_float32():
     g = torch.Generator().manual_seed(6)
     logits = (torch.randn(3, 4, 50, generator=g) * 4).to(torch.bfloat16)
     tokens = torch.randint(0, 50, (3, 4), generator=g)
-    got = gather_logprobs(logits, tokens, 0.8)
     ref = torch.log_softmax(logits.float() / 0.8, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    assert got.dtype == torch.float32
-    torch.testing.assert_close(got, ref)
+    for chunk_values in (1 << 24, 400, 1):  # all three sequences at once, two then one, one at a time
+        got = gather_logprobs(logits, tokens, 0.8, chunk_values=chunk_values)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, ref)
 
 
 def test_gather_logprobs_bad_input():
