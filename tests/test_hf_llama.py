@@ -34,11 +34,19 @@ def _family(name: str, **extra):
 FAMILIES = ["llama", "qwen2", "qwen3", "mistral"]
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_cached_decoding_gives_transformers_logits(name):
+# RoPE variants: llama3 scaling comes from FastLlama's table of angles, dynamic NTK from a call per step
+ROPE = {"llama3": dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                       original_max_position_embeddings=32, rope_theta=10000.0),
+        "dynamic": dict(rope_type="dynamic", factor=2.0, rope_theta=10000.0)}
+
+
+@pytest.mark.parametrize("name,rope", [(f, None) for f in FAMILIES] + [("llama", r) for r in ROPE])
+def test_cached_decoding_gives_transformers_logits(name, rope):
     """Prefill (prompts of different lengths, one repeated) and 70 decode steps, which grow the cache past several
     blocks, against transformers' forward over each whole sequence."""
-    model = _family(name)
+    model = _family(name, **({"rope_parameters": ROPE[rope]} if rope else {}))
+    if rope:
+        assert model.model.rotary_emb.rope_type == rope
     assert supports(model, 160)
     backend = ModelBackend(FastLlama(model), n_slots=4)
     g = torch.Generator().manual_seed(1)
