@@ -185,7 +185,8 @@ def grpo(cfg: GRPOConfig, policy=None) -> Path:
     log = MetricsSink(out_dir, cfg.tracking, name=cfg.stage, config=to_dict(cfg))
     samples = JsonlLogger(out_dir / "samples.jsonl")
     ckpt_kwargs = dict(kind=cfg.stage, run_config=to_dict(cfg), parent=cfg.model, seeds={"seed": cfg.seed})
-    bar = progress(total=cfg.steps, desc=cfg.stage, unit="step", disable=not cfg.progress)
+    budget = cfg.time_budget_s > 0  # the bar's total is then the steps the remaining time allows, re-estimated
+    bar = progress(total=None if budget else cfg.steps, desc=cfg.stage, unit="step", disable=not cfg.progress)
     bar.update(start)
     t_start = time.perf_counter()
     for step in range(start, cfg.steps):
@@ -267,6 +268,10 @@ def grpo(cfg: GRPOConfig, policy=None) -> Path:
                             answer=problems[i // G].answer, completion=ro.completions[i].text,
                             reward=ro.rewards["total"][i])
         bar.update(1)
+        if budget:
+            elapsed = time.perf_counter() - t_start
+            left = int(max(0.0, cfg.time_budget_s - elapsed) / (elapsed / (step + 1 - start)))
+            bar.total = min(cfg.steps, step + 1 + left)
         bar.set_postfix(reward=f"{row['reward_mean']:.2f}", acc=f"{row['accuracy']:.2f}",
                         len=f"{row['response_len']:.0f}")
         if (step + 1) % cfg.ckpt_every == 0 and step + 1 < cfg.steps:

@@ -41,6 +41,19 @@ def test_grpo_runs_logs_and_saves(base, tmp_path):
     assert (tmp_path / "samples.jsonl").read_text().strip()
 
 
+def test_grpo_time_budget_stops_the_run_and_its_bar_counts_the_steps_it_allows(base, tmp_path, capsys):
+    """time_budget_s (the speedrun's student RL gets distillation's wall clock): the run stops once the budget is
+    spent, however many steps were asked for, and the progress bar's total (hence its ETA) is the number of steps
+    the remaining time allows, not the million asked for."""
+    import re
+    grpo(_cfg(base, tmp_path, steps=10 ** 6, time_budget_s=2.0, progress=True, ckpt_every=10 ** 6))
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert 1 <= len(rows) < 1000
+    bars = [(int(n), int(t)) for n, t in re.findall(r"(\d+)/(\d+) \[", capsys.readouterr().err)]
+    assert bars and all(t < 1000 for _, t in bars), bars[-3:]
+    assert bars[-1][0] == len(rows)
+
+
 def test_grpo_samples_from_a_bf16_copy_kept_in_step(base, tmp_path):
     """rollout_dtype=bfloat16: the engine samples from a bf16 copy that takes the policy's weights each step."""
     from nanor1.grpo import _sampler, _sync
