@@ -159,7 +159,7 @@ def _cmd_report(args):
 
 
 def _add_speedrun(p):
-    p.add_argument("--quick", action="store_true", help="the ~3 minute smoke run CI uses (smaller, looser)")
+    p.add_argument("--quick", action="store_true", help="the ~2 minute smoke run CI uses (smaller, an easier task, looser)")
     _add_config_args(p)
 
 

@@ -106,3 +106,23 @@ def test_a_difference_whose_interval_includes_zero_is_marked_within_noise():
             {"finding": "d", "measured": "1 vs 2", "target": ">=", "holds": False}]
     verdicts = [line.rsplit("|", 2)[1].strip() for line in findings_markdown(rows).splitlines()[-4:]]
     assert verdicts == ["yes (within noise)", "yes", "**no** (within noise)", "**no**"]
+
+
+def test_rejection_that_keeps_nothing_names_the_speedrun_settings_to_raise(tmp_path):
+    """A policy that answers nothing right (here: random weights) stops the run with the speedrun's own knobs named,
+    for R1's rejection sampling and for the distillation traces alike."""
+    from nanor1.checkpoint import save_checkpoint
+    from nanor1.common import NanoR1Error
+    from nanor1.corpus import pretrain_documents
+    from nanor1.model import ModelConfig, Transformer
+    from nanor1.speedrun import Speedrun, SpeedrunConfig
+    from nanor1.tasks import get_task
+    from nanor1.tokenizer import train_tokenizer
+    tok = train_tokenizer(pretrain_documents(get_task("chain_sum"), 200, 0), 300, merge_across_words=True)
+    model = Transformer(ModelConfig.preset("tiny", vocab_size=tok.vocab_size, max_seq_len=256)).init_weights(0)
+    ckpt = save_checkpoint(tmp_path / "random" / "final", model, tokenizer=tok)
+    run = Speedrun(SpeedrunConfig(out_dir=str(tmp_path / "run"), max_new_tokens=8, device="cpu"))
+    with pytest.raises(NanoR1Error, match=r"r1-rs: rejection sampling kept nothing .* raise rs_k or rs_problems"):
+        run.rejection("r1-rs", ckpt, n_problems=4, k=2)
+    with pytest.raises(NanoR1Error, match=r"distill-traces: .* raise distill_k or distill_problems"):
+        run.rejection("distill-traces", ckpt, n_problems=4, k=2)
