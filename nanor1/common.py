@@ -209,6 +209,16 @@ def tune_cpu() -> None:
 _malloc_tuned = False
 
 
+# oneDNN, which runs PyTorch's bf16 matmuls on CPUs, builds a kernel for every new shape: ~0.75 ms, against
+# ~0.13 ms for the multiply itself at 1000 x 192 x 128. Lengths that change every step (a batch's longest prompt
+# or completion) are padded up to a multiple of this, so a few shapes recur and their kernels are reused.
+SHAPE_MULTIPLE = 16
+
+
+def round_up(n: int, multiple: int = SHAPE_MULTIPLE) -> int:
+    return -(-n // multiple) * multiple
+
+
 def chunks(items: list, size: int) -> Iterator[list]:
     for i in range(0, len(items), size):
         yield items[i:i + size]

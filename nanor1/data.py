@@ -11,7 +11,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from nanor1.common import NanoR1Error, atomic_write_bytes, sha256_bytes
+from nanor1.common import SHAPE_MULTIPLE, NanoR1Error, atomic_write_bytes, round_up, sha256_bytes
 
 
 # ----------------------------------------------------------------------------- pretraining stream
@@ -130,9 +130,10 @@ def sft_batches_order(lengths: Sequence[int], batch_size: int, seed: int, epoch:
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def pad_batch(examples: Sequence[tuple[list[int], list[int]]], pad_id: int):
-    """Right-pad (ids, labels) pairs to the longest; returns inputs and shifted targets, each (B, T-1)."""
-    T = max(len(ids) for ids, _ in examples)
+def pad_batch(examples: Sequence[tuple[list[int], list[int]]], pad_id: int, multiple: int = 1):
+    """Right-pad (ids, labels) pairs to the longest; returns inputs and shifted targets, each (B, T-1), with T-1
+    rounded up to `multiple` (see nanor1.common.SHAPE_MULTIPLE; the padding takes no loss)."""
+    T = round_up(max(len(ids) for ids, _ in examples) - 1, multiple) + 1
     x = torch.full((len(examples), T), pad_id, dtype=torch.long)
     y = torch.full((len(examples), T), -100, dtype=torch.long)
     for i, (ids, labels) in enumerate(examples):
@@ -162,7 +163,7 @@ class SFTData:
         epoch, i = divmod(k, self.per_epoch)
         if epoch not in self._epochs:
             self._epochs = {epoch: sft_batches_order([len(x[0]) for x in self.items], self.batch_size, self.seed, epoch)}
-        return pad_batch([self.items[j] for j in self._epochs[epoch][i]], self.pad_id)
+        return pad_batch([self.items[j] for j in self._epochs[epoch][i]], self.pad_id, SHAPE_MULTIPLE)
 
 
 def read_sft_jsonl(path: str | Path) -> list[dict]:

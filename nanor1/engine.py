@@ -16,7 +16,7 @@ from typing import Protocol
 
 import torch
 
-from nanor1.common import NanoR1Error
+from nanor1.common import NanoR1Error, round_up
 
 
 @dataclass
@@ -101,7 +101,8 @@ class ModelBackend:
     def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
         distinct, inverse = distinct_prompts(prompts)
         first = [slots[int((inverse == u).nonzero()[0])] for u in range(len(distinct))]  # where each runs
-        T = max(len(p) for p in distinct)
+        # right padding up to SHAPE_MULTIPLE, so the prefill's matmul shapes recur from batch to batch
+        T = min(round_up(max(len(p) for p in distinct)), self.max_seq_len)
         idx = torch.zeros(len(distinct), T, dtype=torch.long)
         for i, p in enumerate(distinct):
             idx[i, : len(p)] = torch.tensor(p)

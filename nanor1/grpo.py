@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from nanor1.checkpoint import latest_checkpoint, load_train_state, save_run_checkpoint
-from nanor1.common import JsonlLogger, NanoR1Error, autocast, progress, resolve_dtype
+from nanor1.common import SHAPE_MULTIPLE, JsonlLogger, NanoR1Error, autocast, progress, resolve_dtype, round_up
 from nanor1.config import to_dict
 from nanor1.engine import Completion, SamplingParams
 from nanor1.metrics import MetricsSink, TrackingConfig
@@ -95,10 +95,12 @@ class Rollouts:
     completions: list[Completion]
 
 
-def build_batch(prompts: list[list[int]], comps: list[Completion], pad_id: int, overlong_filter: bool):
-    """Token tensors for the policy forward: the n prompts once, and each completion with its stop token."""
+def build_batch(prompts: list[list[int]], comps: list[Completion], pad_id: int, overlong_filter: bool,
+                multiple: int = 1):
+    """Token tensors for the policy forward: the n prompts once, and each completion with its stop token; the
+    widths are padded up to `multiple` (see nanor1.common.SHAPE_MULTIPLE)."""
     seqs = [c.ids + ([c.stop_token_id] if c.stop_token_id is not None else []) for c in comps]
-    P, C = max(len(p) for p in prompts), max(1, max(len(s) for s in seqs))
+    P, C = round_up(max(len(p) for p in prompts), multiple), round_up(max(1, max(len(s) for s in seqs)), multiple)
     prompt_ids = torch.full((len(prompts), P), pad_id, dtype=torch.long)
     for i, p in enumerate(prompts):
         prompt_ids[i, : len(p)] = torch.tensor(p)
@@ -127,7 +129,8 @@ def rollout(policy, engine, task, problems, cfg: GRPOConfig, step: int):
     problems_g = [p for p in problems for _ in range(G)]
     rewards = compute_rewards([c.text for c in comps], problems_g, task, cfg.rewards,
                               n_tokens=[len(c.ids) for c in comps])
-    return Rollouts(*build_batch(prompts, comps, tok.pad_id or 0, cfg.overlong_filter), rewards, comps)
+    return Rollouts(*build_batch(prompts, comps, tok.pad_id or 0, cfg.overlong_filter, SHAPE_MULTIPLE), rewards,
+                    comps)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -135,10 +138,12 @@ def rollout(policy, engine, task, problems, cfg: GRPOConfig, step: int):
 def _logp(policy, ro: Rollouts, prompts: slice, seqs: slice, temperature, device, dtype):
     """Log-probs (and logits) of the completions `seqs`, which continue `prompts`, each prompt run once."""
     lens, real = ro.prompt_lens[prompts], ro.real[seqs]
-    C = max(1, int(real.sum(1).max()))
+    # the chunk's widths, padded as build_batch padded the whole batch's: a few shapes recur (SHAPE_MULTIPLE)
+    C = min(round_up(max(1, int(real.sum(1).max()))), ro.targets.shape[1])
+    P = min(round_up(int(lens.max())), ro.prompts.shape[1])
     y = ro.targets[seqs, :C].to(device)
     with autocast(device, dtype):
-        logits = policy.continuation_logits(ro.prompts[prompts, : int(lens.max())].to(device), lens.to(device),
+        logits = policy.continuation_logits(ro.prompts[prompts, :P].to(device), lens.to(device),
                                             y[:, :-1], real[:, : C - 1].to(device))
     return gather_logprobs(logits, y, temperature=temperature), logits
 

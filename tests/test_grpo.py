@@ -121,6 +121,27 @@ def test_build_batch_masks_completion_and_stop_token():
     assert y[0].tolist() == [5, 6, 2] and mask[0].tolist() == [True, True, True]
     assert mask[1].tolist() == [False, False, False]  # truncated: filtered out
     assert real[1].tolist() == [True, False, False] and y[1].tolist() == [7, 0, 0]  # then padding
+    padded = build_batch([[1, 2], [1, 2, 3]], comps, pad_id=0, overlong_filter=True, multiple=16)
+    assert [t.shape[1] for t in (padded[0], padded[2], padded[3], padded[4])] == [16] * 4  # widths round up
+    assert padded[4].sum() == real.sum() and padded[2][0, :3].tolist() == [5, 6, 2] and padded[1].tolist() == [2, 3]
+
+
+def test_padded_widths_leave_the_log_probs_unchanged(base):
+    """The update pads prompt and completion widths to SHAPE_MULTIPLE (kernel reuse on CPUs); the padding is
+    masked, so every real token's log-prob is what the exact widths give."""
+    from nanor1.grpo import Rollouts, _logp
+    from nanor1.policy import load_policy
+    policy = load_policy(base)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (5, 9)]
+    comps = [Completion(prompts[i // 2], torch.randint(3, 200, (n,), generator=g).tolist(), "", "length", [])
+             for i, n in enumerate((4, 7, 2, 6))]
+    out = {}
+    for multiple in (1, 16):
+        ro = Rollouts(*build_batch(prompts, comps, 0, False, multiple), {}, comps)
+        logp, _ = _logp(policy, ro, slice(0, 2), slice(0, 4), 1.0, torch.device("cpu"), torch.float32)
+        out[multiple] = logp[ro.real[:, : logp.shape[1]]]
+    torch.testing.assert_close(out[16], out[1], rtol=1e-5, atol=1e-5)
 
 
 def test_prompt_longer_than_context_is_clear(base, tmp_path):

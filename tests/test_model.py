@@ -92,6 +92,31 @@ def test_training_counts_expert_load(tiny_model):
     assert load.sum() == 2 * 16 * model.cfg.n_activated_experts
 
 
+def test_expert_paths_agree_padded_loop_included():
+    """The three ways to run routed experts give one result: the loop over experts (training and prefill; on CPUs
+    each expert's rows padded to CPU_EXPERT_ROWS), the batched buckets (decode) and every expert on every token;
+    and the padded loop's gradients equal those of the dense form."""
+    from nanor1.model.moe import CPU_EXPERT_ROWS
+    torch.manual_seed(0)
+    moe = Transformer(ModelConfig.preset("tiny", n_routed_experts=8, n_activated_experts=2)).init_weights(0)
+    moe = moe.moe_layers()[0]
+    x = torch.randn(300, moe.w_gate.shape[2], requires_grad=True)  # > GROUPED_MAX_TOKENS, loads not multiples
+    weights, idx, _ = moe.gate(x)
+    counts = torch.bincount(idx.flatten(), minlength=8)
+    assert (counts % CPU_EXPERT_ROWS != 0).any() and (counts > 0).sum() > 1
+    sparse = moe._sparse_experts(x, weights, idx)
+    dense = moe._dense_experts(x, weights, idx)
+    with torch.no_grad():
+        grouped = moe._grouped_experts(x, weights, idx)
+    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grouped, dense, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(sparse)
+    grads_sparse = torch.autograd.grad(sparse, [x, moe.w_gate, moe.w_up, moe.w_down], g, retain_graph=True)
+    grads_dense = torch.autograd.grad(dense, [x, moe.w_gate, moe.w_up, moe.w_down], g)
+    for a, b in zip(grads_sparse, grads_dense):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_sequence_balance_loss_formula():
     cfg = ModelConfig.preset("tiny", seq_aux_loss_alpha=0.01)
     model = Transformer(cfg).init_weights(0).train()

@@ -128,6 +128,10 @@ def test_sft_labels_cover_only_the_assistant_turn():
     data = SFTData([{"messages": msgs}] * 5, tok, 200, 4, seed=0)
     x, y = data.batch(0)
     assert x.shape == y.shape and (y != -100).sum() == len(taken) * x.shape[0]
+    # the width rounds up to a multiple of 16 (kernel reuse on CPUs) and the padding takes no loss
+    assert x.shape[1] % 16 == 0 and x.shape[1] - 16 < len(ids) - 1 <= x.shape[1]
+    n = min(len(ids), x.shape[1])
+    assert x[0, :n].tolist() == ids[:n] and (x[0, n:] == tok.pad_id).all() and (y[0, len(ids) - 1:] == -100).all()
 
 
 @pytest.mark.parametrize("override,message", [

@@ -23,6 +23,11 @@ DENSE_MAX_TOKENS = 8
 # Up to this many tokens (a decode step of a big batch), experts run as batched matmuls over per-expert
 # buckets padded to the busiest expert's load; past it (prefill, training) an exact-size loop wastes less.
 GROUPED_MAX_TOKENS = 256
+# On CPUs PyTorch runs bf16 matmuls through oneDNN, which builds a kernel for every new shape: ~0.75 ms against
+# ~0.13 ms for the multiply itself at 1000 x 192 x 128. An expert's load changes every step, so in the loop
+# each expert's rows are padded with zeros to a multiple of this, and shapes recur (the speedrun preset's GRPO
+# update went from ~0.9 to ~0.6 s per step, and its pretraining step ~6% faster; bench/README.md, Training).
+CPU_EXPERT_ROWS = 128
 
 
 class Gate(nn.Module):
@@ -97,15 +102,24 @@ class MoE(nn.Module):
         """Tokens sorted by expert, one matmul chain per expert that has tokens (training, prefill)."""
         flat_idx = idx.flatten()
         order = flat_idx.argsort(stable=True)
-        counts = torch.bincount(flat_idx, minlength=self.n_experts).tolist()
+        counts = torch.bincount(flat_idx, minlength=self.n_experts)
         token_of = order // self.top_k
         # one cast and one unbind per stacked weight, and split rather than slicing: indexing per expert would
         # cast each slice separately and give each slice's backward a full-size zero gradient to add up
         dt = x.dtype
         w_gate, w_up, w_down = (w.to(dt).unbind(0) for w in (self.w_gate, self.w_up, self.w_down))
-        chunks = x.index_select(0, token_of).split(counts)  # index_select: its backward is one index_add_
+        rows = x.index_select(0, token_of)  # sorted by expert; index_select's backward is one index_add_
+        sizes, pos = counts, None
+        if x.device.type == "cpu":  # each expert's rows at the start of a zero-padded block (CPU_EXPERT_ROWS)
+            sizes = -(-counts // CPU_EXPERT_ROWS) * CPU_EXPERT_ROWS
+            expert = flat_idx[order]
+            rank = torch.arange(order.numel(), device=x.device) - (counts.cumsum(0) - counts)[expert]
+            pos = (sizes.cumsum(0) - sizes)[expert] + rank
+            rows = rows.new_zeros(int(sizes.sum()), rows.shape[1]).index_copy(0, pos, rows)
         ys = torch.cat([F.linear(F.silu(F.linear(xe, w_gate[e])) * F.linear(xe, w_up[e]), w_down[e])
-                        for e, xe in enumerate(chunks) if xe.shape[0]])
+                        for e, xe in enumerate(rows.split(sizes.tolist())) if xe.shape[0]])
+        if pos is not None:
+            ys = ys.index_select(0, pos)
         ys = ys * weights.flatten()[order, None].to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, ys.to(dt))
 
