@@ -65,7 +65,7 @@ class Policy:
         """(B, T + 1, V) logits for G = B // n right-padded continuations (B, T) of each of n right-padded prompts
         (n, P), each prompt run once; attention: (B, T) True on real continuation tokens."""
         if self.kind == "nanor1":
-            return self.model.forward_shared_prompts(prompts, prompt_lens, inputs)
+            return self.model.forward_shared_prompts(prompts, prompt_lens, inputs, attention)
         from nanor1.hf_backend import shared_prompt_logits
         return shared_prompt_logits(self.model, prompts, prompt_lens, inputs, attention)
 

@@ -247,6 +247,30 @@ def test_shared_prompt_logits_equal_full_sequences():
     check_shared_prompt_update(model, torch.device("cpu"), atol=1e-6, grad_rtol=1e-5, grad_atol=1e-6)
 
 
+def test_padding_in_the_shared_prompt_update_never_counts_toward_expert_loads():
+    """GRPO's update runs right-padded prompts and completions: the MoE balancing bias follows the loads, so only
+    real tokens may count, and the count is what a forward over the real tokens alone would give."""
+    from nanor1.model import ModelConfig, Transformer
+    model = Transformer(ModelConfig.preset("tiny")).init_weights(0).train()
+    from nanor1.model.moe import MoE
+    k = model.cfg.n_activated_experts
+    moes = [b.mlp for b in model.layers if isinstance(b.mlp, MoE)]  # the MTP module's MoE does not run here
+    assert moes
+    prompts = torch.tensor([[5, 6, 7, 0, 0], [8, 9, 10, 11, 12]])  # lengths 3 and 5
+    inputs = torch.randint(1, 100, (4, 6))
+    real = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]]).bool()
+    model.forward_shared_prompts(prompts, torch.tensor([3, 5]), inputs, real)
+    assert all(m.expert_load.sum() == (3 + 5 + int(real.sum())) * k for m in moes)
+    assert all(m.load_mask is None for m in model.moe_layers())  # cleared: later forwards count every token
+    # the per-expert counts are those of the real tokens: a prompt padded longer counts the same
+    before = [m.expert_load.clone() for m in moes]
+    for m in moes:
+        m.expert_load.zero_()
+    wider = torch.cat((prompts, torch.zeros(2, 3, dtype=torch.long)), dim=1)
+    model.forward_shared_prompts(wider, torch.tensor([3, 5]), inputs, real)
+    assert all(torch.equal(m.expert_load, b) for m, b in zip(moes, before))
+
+
 def test_kv_cache_is_latent_sized():
     cfg = ModelConfig.preset("speedrun")
     cache = Transformer(cfg).new_cache(n_slots=2, max_len=10, dtype=torch.float32)

@@ -75,6 +75,9 @@ class MoE(nn.Module):
         self.shared_experts = MLP(d, cfg.n_shared_experts * I) if cfg.n_shared_experts else None
         self.register_buffer("expert_load", torch.zeros(E), persistent=False)  # tokens routed, since last update
         self.aux_loss: torch.Tensor | None = None
+        # (N,) True on the tokens of the next forward that count toward expert_load; None counts them all. Set by
+        # the Transformer around a forward over padded rows, so padding never steers the balancing bias.
+        self.load_mask: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -92,7 +95,8 @@ class MoE(nn.Module):
             out = out + self.shared_experts(x)
         if self.training:
             with torch.no_grad():
-                self.expert_load += torch.bincount(idx.flatten(), minlength=self.n_experts).float()
+                counted = idx if self.load_mask is None else idx[self.load_mask.reshape(-1)]
+                self.expert_load += torch.bincount(counted.flatten(), minlength=self.n_experts).float()
             if self.seq_aux_loss_alpha > 0 and x.dim() == 3:
                 self.aux_loss = self._sequence_balance_loss(scores.view(shape[0], shape[1], -1), idx.view(
                     shape[0], shape[1], -1))

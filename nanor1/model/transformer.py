@@ -6,6 +6,7 @@ engine with an explicit `KVCache`. Device and dtype come from the caller (`.to(.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -158,14 +159,16 @@ class Transformer(nn.Module):
                                               ignore_index=-100))
         return torch.stack(losses).mean() if losses else None
 
-    def forward_shared_prompts(self, prompts: torch.Tensor, prompt_lens: torch.Tensor,
-                               inputs: torch.Tensor) -> torch.Tensor:
+    def forward_shared_prompts(self, prompts: torch.Tensor, prompt_lens: torch.Tensor, inputs: torch.Tensor,
+                               real: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for G = B // n continuations of each of n prompts, running each prompt once, not G times
         (a GRPO group's completions share their prompt; gradients reach the prompt through its keys and values).
 
         prompts: (n, P) right-padded, prompt_lens: (n,); inputs: (B, T) right-padded continuation tokens, row b
-        continuing prompt b // G. Returns (B, T + 1, V): position 0 predicts inputs[:, 0] from the prompt's
-        last token and position t + 1 predicts what follows inputs[:, t], as a forward over each whole row would.
+        continuing prompt b // G; real: (B, T) True on real continuation tokens (None: all). Returns
+        (B, T + 1, V): position 0 predicts inputs[:, 0] from the prompt's last token and position t + 1 predicts
+        what follows inputs[:, t], as a forward over each whole row would. Only real tokens count toward the MoE
+        layers' expert loads.
         """
         n, P = prompts.shape
         B, T = inputs.shape
@@ -174,20 +177,34 @@ class Transformer(nn.Module):
         g = B // n
         cos, sin = self.rope_cos[:P, None], self.rope_sin[:P, None]
         latents: list[torch.Tensor] = []
+        keep = torch.arange(P, device=prompts.device)[None, :] < prompt_lens[:, None]  # (n, P)
         h = self.embed_tokens(prompts)
-        for block in self.layers:
-            h = block(h, lambda attn, x: attn.forward_prefix(x, cos, sin, latents))
+        with self._counting_only(keep):
+            for block in self.layers:
+                h = block(h, lambda attn, x: attn.forward_prefix(x, cos, sin, latents))
         last = self.norm(h[torch.arange(n, device=h.device), prompt_lens - 1])  # (n, dim)
         first = self.lm_head(last).repeat_interleave(g, 0)[:, None]  # (B, 1, V)
         if T == 0:
             return first
-        keep = torch.arange(P, device=prompts.device)[None, :] < prompt_lens[:, None]  # (n, P)
         pos = prompt_lens.repeat_interleave(g, 0)[:, None] + torch.arange(T, device=inputs.device)  # (B, T)
         cos, sin = self.rope_cos[pos][:, :, None], self.rope_sin[pos][:, :, None]
         h = self.embed_tokens(inputs)
-        for i, block in enumerate(self.layers):
-            h = block(h, lambda attn, x: attn.forward_continuation(x, cos, sin, latents[i], keep))
+        with self._counting_only(real):
+            for i, block in enumerate(self.layers):
+                h = block(h, lambda attn, x: attn.forward_continuation(x, cos, sin, latents[i], keep))
         return torch.cat((first, self.lm_head(self.norm(h))), dim=1)
+
+    @contextlib.contextmanager
+    def _counting_only(self, mask: torch.Tensor | None):
+        """Within the block, the MoE layers count only the tokens where `mask` is True toward their loads."""
+        layers = self.moe_layers()
+        for m in layers:
+            m.load_mask = mask
+        try:
+            yield
+        finally:
+            for m in layers:
+                m.load_mask = None
 
     # ------------------------------------------------------------------ inference with a KV cache
     def new_cache(self, n_slots: int, max_len: int | None = None, dtype: torch.dtype | None = None) -> KVCache:
