@@ -215,7 +215,8 @@ _malloc_tuned = False
 SHAPE_MULTIPLE = 16
 
 
-def round_up(n: int, multiple: int = SHAPE_MULTIPLE) -> int:
+def round_up(n, multiple: int = SHAPE_MULTIPLE):
+    """n (an int or an integer tensor) rounded up to a multiple of `multiple`."""
     return -(-n // multiple) * multiple
 
 

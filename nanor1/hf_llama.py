@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from nanor1.common import round_up
+
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 _BLOCK = 16  # cache positions are added this many at a time
 
@@ -85,7 +87,7 @@ class LlamaCache:
         cap = self.k.shape[3]
         if length <= cap:
             return
-        new = min(self.max_len, -(-length // _BLOCK) * _BLOCK)
+        new = min(self.max_len, round_up(length, _BLOCK))
         shape = (*self.shape[:3], new, self.shape[4])
         for name in ("k", "v"):
             grown = torch.zeros(shape, dtype=self.dtype, device=self.device)  # zeros: masked keys stay finite

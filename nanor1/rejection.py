@@ -19,6 +19,10 @@ from nanor1.rewards import Script, accuracy_reward, format_reward, language_cons
 from nanor1.templates import Template, parse_well_formed, render_prompt
 
 
+class NothingKept(NanoR1Error):
+    """Rejection sampling found no sample to keep (callers such as the speedrun name their own settings)."""
+
+
 @dataclass
 class RejectionConfig:
     model: str = ""
@@ -114,6 +118,6 @@ def rejection_sample(cfg: RejectionConfig, policy=None) -> Path:
              "data_sha256": hashlib.sha256(out.read_bytes()).hexdigest()}
     atomic_write_text(out.with_suffix(".stats.json"), json.dumps(stats, indent=2) + "\n")
     if not kept:
-        raise NanoR1Error(f"rejection sampling kept nothing out of {len(jobs)} samples ({reasons}); "
+        raise NothingKept(f"rejection sampling kept nothing out of {len(jobs)} samples ({reasons}); "
                           "the model needs more training first, or raise k")
     return out

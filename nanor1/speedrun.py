@@ -147,16 +147,14 @@ class Speedrun:
 
     def rejection(self, name: str, model: Path, n_problems: int, k: int) -> Path:
         from nanor1.checkpoint import write_manifest
-        from nanor1.rejection import RejectionConfig, rejection_sample
+        from nanor1.rejection import NothingKept, RejectionConfig, rejection_sample
         c = self.cfg
         out = self.out / name / "data.jsonl"
         try:
             rejection_sample(RejectionConfig(model=str(model), out=str(out), task=c.task,
                                              task_options=dict(c.task_options), n_problems=n_problems,
                                              k=k, max_new_tokens=c.max_new_tokens, seed=c.seed, device=c.device))
-        except NanoR1Error as e:  # name the speedrun's own settings, not the stage's
-            if "kept nothing" not in str(e):
-                raise
+        except NothingKept as e:  # name the speedrun's own settings, not the stage's
             knobs = "rs_k or rs_problems, or train longer first (cold_start_steps, rl_steps)" if name == "r1-rs" \
                 else "distill_k or distill_problems, or train R1 longer first (rl_steps, rs_sft_steps)"
             raise NanoR1Error(f"{name}: {e}; in the speedrun, raise {knobs}") from None

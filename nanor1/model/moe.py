@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanor1.common import round_up
 from nanor1.model.config import ModelConfig
 from nanor1.model.layers import MLP
 
@@ -23,10 +24,9 @@ DENSE_MAX_TOKENS = 8
 # Up to this many tokens (a decode step of a big batch), experts run as batched matmuls over per-expert
 # buckets padded to the busiest expert's load; past it (prefill, training) an exact-size loop wastes less.
 GROUPED_MAX_TOKENS = 256
-# On CPUs PyTorch runs bf16 matmuls through oneDNN, which builds a kernel for every new shape: ~0.75 ms against
-# ~0.13 ms for the multiply itself at 1000 x 192 x 128. An expert's load changes every step, so in the loop
-# each expert's rows are padded with zeros to a multiple of this, and shapes recur (the speedrun preset's GRPO
-# update went from ~0.9 to ~0.6 s per step, and its pretraining step ~6% faster; bench/README.md, Training).
+# oneDNN builds a CPU bf16 matmul kernel per new shape (nanor1.common.SHAPE_MULTIPLE) and an expert's load
+# changes every step, so in the loop each expert's rows are padded with zeros to a multiple of this and shapes
+# recur (the speedrun preset's GRPO update went from ~0.9 to ~0.6 s per step; bench/README.md, Training).
 CPU_EXPERT_ROWS = 128
 
 
@@ -115,7 +115,7 @@ class MoE(nn.Module):
         rows = x.index_select(0, token_of)  # sorted by expert; index_select's backward is one index_add_
         sizes, pos = counts, None
         if x.device.type == "cpu":  # each expert's rows at the start of a zero-padded block (CPU_EXPERT_ROWS)
-            sizes = -(-counts // CPU_EXPERT_ROWS) * CPU_EXPERT_ROWS
+            sizes = round_up(counts, CPU_EXPERT_ROWS)
             expert = flat_idx[order]
             rank = torch.arange(order.numel(), device=x.device) - (counts.cumsum(0) - counts)[expert]
             pos = (sizes.cumsum(0) - sizes)[expert] + rank
@@ -135,7 +135,7 @@ class MoE(nn.Module):
         flat_idx = idx.flatten()
         order = flat_idx.argsort(stable=True)
         counts = torch.bincount(flat_idx, minlength=E)
-        cap = -(-int(counts.max()) // 16) * 16
+        cap = round_up(int(counts.max()), 16)
         expert = flat_idx[order]
         pos = torch.arange(order.numel(), device=x.device) - (counts.cumsum(0) - counts)[expert]
         token_of = order // k
