@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import torch
+import torch.nn.functional as F
 
 
 class NanoR1Error(Exception):
@@ -218,6 +220,32 @@ SHAPE_MULTIPLE = 16
 def round_up(n, multiple: int = SHAPE_MULTIPLE):
     """n (an int or an integer tensor) rounded up to a multiple of `multiple`."""
     return -(-n // multiple) * multiple
+
+
+def pack_frozen(w: torch.Tensor, batch: int = 64) -> torch.Tensor:
+    """A (out, in) weight that sampling will reuse many times, in oneDNN's own blocked layout where that exists
+    (bf16 on CPUs): F.linear re-lays the weight out at every call, and a decode step of 64 rows then spends a
+    quarter of each small matmul doing so (bench/README.md, GRPO). Results are identical; `batch` is a hint.
+    Elsewhere returns `w` detached (the same storage). Use the result with `linear`, for inference only."""
+    w = w.detach()
+    if w.device.type != "cpu" or w.dtype != torch.bfloat16 or not _can_pack_bf16():
+        return w
+    return torch.ops.mkldnn._reorder_linear_weight(w, batch)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear that also takes a weight from `pack_frozen`."""
+    if w.is_mkldnn:
+        return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+    return F.linear(x, w, bias)
+
+
+@functools.cache
+def _can_pack_bf16() -> bool:
+    try:
+        return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without these private ops: plain F.linear
+        return False
 
 
 def chunks(items: list, size: int) -> Iterator[list]:

@@ -2,7 +2,8 @@
 
 For sampling, transformers runs these one generic module at a time and grows a `DynamicCache` by concatenation
 at every token; on a CPU at GRPO's batch sizes that overhead costs as much as the matmuls. `FastLlama` runs the
-same weights with q|k|v and gate|up packed into one matmul each, over a per-slot KV cache that grows in blocks,
+same weights with q|k|v and gate|up packed into one matmul each (on CPUs in bf16, also laid out once in oneDNN's
+blocked format, `nanor1.common.pack_frozen`), over a per-slot KV cache that grows in blocks,
 behind the `prefill` / `decode` / `new_cache` interface of nanor1's own Transformer, so the engine's
 `ModelBackend` drives it with continuous batching. Training stays with transformers' forward (a hand-written
 one measured no faster: the update's time is in its matmuls). Tests pin the logits to transformers' forward.
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nanor1.common import round_up
+from nanor1.common import linear, pack_frozen, round_up
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 _BLOCK = 16  # cache positions are added this many at a time
@@ -59,10 +60,11 @@ def _pack(model) -> list[_Layer]:
     out = []
     for layer in model.model.layers:
         a, m = layer.self_attn, layer.mlp
-        out.append(_Layer(qkv=torch.cat((a.q_proj.weight, a.k_proj.weight, a.v_proj.weight)),
+        out.append(_Layer(qkv=pack_frozen(torch.cat((a.q_proj.weight, a.k_proj.weight, a.v_proj.weight))),
                           qkv_bias=_cat(a.q_proj.bias, a.k_proj.bias, a.v_proj.bias),
-                          o=a.o_proj.weight, o_bias=a.o_proj.bias,
-                          gate_up=torch.cat((m.gate_proj.weight, m.up_proj.weight)), down=m.down_proj.weight,
+                          o=pack_frozen(a.o_proj.weight), o_bias=a.o_proj.bias,
+                          gate_up=pack_frozen(torch.cat((m.gate_proj.weight, m.up_proj.weight))),
+                          down=pack_frozen(m.down_proj.weight),
                           norm1=layer.input_layernorm, norm2=layer.post_attention_layernorm,
                           q_norm=getattr(a, "q_norm", None), k_norm=getattr(a, "k_norm", None)))
     return out
@@ -110,7 +112,7 @@ class FastLlama(torch.nn.Module):
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scale = getattr(model.model.layers[0].self_attn, "scaling", self.head_dim ** -0.5)
         self.max_seq_len = int(getattr(cfg, "max_position_embeddings", None) or 1 << 30)
-        self._layers, self._key = None, None
+        self._layers, self._key, self._head_weight = None, None, None
         self._params = list(model.parameters())  # listed once: walking the modules costs more than a decode op
         self._rope = None  # (cos, sin) for positions 0..n-1, see _rope_tables
 
@@ -122,6 +124,7 @@ class FastLlama(torch.nn.Module):
         if key != self._key:
             with torch.no_grad():
                 self._layers, self._key = _pack(self.hf), key
+                self._head_weight = pack_frozen(self.hf.lm_head.weight)
         return self._layers
 
     def new_cache(self, n_slots: int, max_len: int | None = None) -> LlamaCache:
@@ -132,7 +135,7 @@ class FastLlama(torch.nn.Module):
     def _qkv(self, layer: _Layer, x: torch.Tensor, cos, sin):
         """Projected, normalised and rotated q (B, H, T, D), k and v (B, KV, T, D)."""
         B, T, _ = x.shape
-        qkv = F.linear(_norm(layer.norm1, x), layer.qkv, layer.qkv_bias).view(B, T, -1, self.head_dim)
+        qkv = linear(_norm(layer.norm1, x), layer.qkv, layer.qkv_bias).view(B, T, -1, self.head_dim)
         qk, v = qkv.split((self.n_heads + self.n_kv, self.n_kv), dim=2)
         if layer.q_norm is not None:
             q, k = qk.split((self.n_heads, self.n_kv), dim=2)
@@ -142,9 +145,9 @@ class FastLlama(torch.nn.Module):
 
     def _finish(self, layer: _Layer, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """Residual output projection, then the SwiGLU MLP; attn: (B, T, H * D)."""
-        x = x + F.linear(attn, layer.o, layer.o_bias)
-        gate, up = F.linear(_norm(layer.norm2, x), layer.gate_up).chunk(2, dim=-1)
-        return x + F.linear(F.silu(gate) * up, layer.down)
+        x = x + linear(attn, layer.o, layer.o_bias)
+        gate, up = linear(_norm(layer.norm2, x), layer.gate_up).chunk(2, dim=-1)
+        return x + linear(F.silu(gate) * up, layer.down)
 
     @torch.no_grad()
     def prefill(self, idx: torch.Tensor, cache: LlamaCache, slots, last: torch.Tensor) -> torch.Tensor:
@@ -186,7 +189,7 @@ class FastLlama(torch.nn.Module):
         return self._head(x[:, 0]).float()
 
     def _head(self, h: torch.Tensor) -> torch.Tensor:
-        return self.hf.lm_head(_norm(self.hf.model.norm, h))
+        return linear(_norm(self.hf.model.norm, h), self._head_weight, self.hf.lm_head.bias)
 
     def _rope_tables(self, x: torch.Tensor, positions: torch.Tensor):
         """cos, sin (B, 1, T, D) in x's dtype from the model's own rotary embedding (with any rope scaling).

@@ -2,10 +2,13 @@
 transformers' logits, for each family it accepts."""
 
 import warnings
+from unittest import mock
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from nanor1.common import _can_pack_bf16, linear, pack_frozen
 from nanor1.engine import ModelBackend
 from nanor1.hf_llama import FastLlama, supports
 
@@ -80,6 +83,46 @@ def test_decoding_follows_weights_changed_in_place():
     with torch.no_grad():
         ref = model(torch.tensor([prompt])).logits[0, -1]
     assert (after[0] - ref).abs().max() < 1e-4 and (before - after).abs().max() > 1e-2
+
+
+def test_frozen_weights_give_the_same_products():
+    """pack_frozen + linear is F.linear, value for value, for bf16 weights (oneDNN's blocked layout where this
+    build has one) and float32 ones (left as they are), with and without bias, for 2-D and 3-D inputs."""
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float32):
+        w, b = torch.randn(48, 32, generator=g).to(dtype), torch.randn(48, generator=g).to(dtype)
+        packed = pack_frozen(torch.nn.Parameter(w))
+        assert not packed.requires_grad and packed.is_mkldnn == (dtype == torch.bfloat16 and _can_pack_bf16())
+        for shape in ((5, 32), (64, 1, 32), (3, 7, 32)):
+            x = torch.randn(shape, generator=g).to(dtype)
+            for bias in (None, b):
+                assert torch.equal(linear(x, packed, bias), F.linear(x, w, bias)), (dtype, shape, bias is not None)
+
+
+def test_bf16_sampling_with_packed_weights_is_unchanged():
+    """A bf16 copy of a policy (GRPO's rollout_dtype) decodes with packed weights: the logits equal those of the
+    plain weights exactly, and an in-place weight change repacks them."""
+    model = _family("llama").to(torch.bfloat16)
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (6, 3)]
+    tokens = torch.randint(0, VOCAB, (20, 2), generator=g)
+
+    def sample(fast: FastLlama) -> torch.Tensor:
+        backend = ModelBackend(fast, n_slots=2)
+        out = [backend.prefill(prompts, [0, 1])] + [backend.decode(t, [0, 1]) for t in tokens]
+        return torch.stack(out)
+
+    def unpacked() -> torch.Tensor:
+        with mock.patch("nanor1.hf_llama.pack_frozen", lambda w, batch=64: w.detach()):
+            return sample(FastLlama(model))
+
+    packed = FastLlama(model)
+    reference = unpacked()
+    assert torch.equal(sample(packed), reference)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2)
+    changed = unpacked()
+    assert torch.equal(sample(packed), changed) and not torch.equal(changed, reference)
 
 
 def test_only_what_it_reproduces_is_accepted():
