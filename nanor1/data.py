@@ -131,15 +131,18 @@ def sft_batches_order(lengths: Sequence[int], batch_size: int, seed: int, epoch:
 
 
 def pad_batch(examples: Sequence[tuple[list[int], list[int]]], pad_id: int, multiple: int = 1):
-    """Right-pad (ids, labels) pairs to the longest; returns inputs and shifted targets, each (B, T-1), with T-1
-    rounded up to `multiple` (see nanor1.common.SHAPE_MULTIPLE; the padding takes no loss)."""
+    """Right-pad (ids, labels) pairs to the longest; returns inputs, shifted targets and the inputs' real (not
+    padding) positions, each (B, T-1), with T-1 rounded up to `multiple` (see nanor1.common.SHAPE_MULTIPLE; the
+    padding takes no loss, and `real` keeps it out of the MoE expert loads)."""
     T = round_up(max(len(ids) for ids, _ in examples) - 1, multiple) + 1
     x = torch.full((len(examples), T), pad_id, dtype=torch.long)
     y = torch.full((len(examples), T), -100, dtype=torch.long)
+    real = torch.zeros((len(examples), T - 1), dtype=torch.bool)
     for i, (ids, labels) in enumerate(examples):
         x[i, : len(ids)] = torch.tensor(ids)
         y[i, : len(labels)] = torch.tensor(labels)
-    return x[:, :-1].contiguous(), y[:, 1:].contiguous()
+        real[i, : len(ids) - 1] = True
+    return x[:, :-1].contiguous(), y[:, 1:].contiguous(), real
 
 
 class SFTData:

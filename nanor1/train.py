@@ -129,7 +129,9 @@ class LoopConfig:
     tracking: TrackingConfig | None = None  # TensorBoard / W&B besides metrics.jsonl
 
 
-Batch = tuple[torch.Tensor, torch.Tensor]  # (inputs, targets with -100 where no loss), each (B, T)
+# (inputs, targets with -100 where no loss[, True on real input tokens: padding never counts toward the MoE loads]),
+# each (B, T)
+Batch = tuple[torch.Tensor, ...]
 
 
 def train_loop(model: Transformer, get_batch: Callable[[int, int], Batch], loop: LoopConfig, optim: OptimConfig,
@@ -166,10 +168,9 @@ def train_loop(model: Transformer, get_batch: Callable[[int, int], Batch], loop:
             g["lr"] = lr
         parts = {"loss": 0.0, "lm_loss": 0.0, "mtp_loss": 0.0}
         for micro in range(loop.grad_accum):
-            x, y = get_batch(step, micro)
-            x, y = x.to(device), y.to(device)
+            x, y, *real = (t.to(device) for t in get_batch(step, micro))
             with autocast(device, dtype):
-                out = forward(x, y)
+                out = forward(x, y, real[0] if real else None)
             (out.loss / loop.grad_accum).backward()
             parts["loss"] += out.loss.item() / loop.grad_accum
             parts["lm_loss"] += out.lm_loss.item() / loop.grad_accum

@@ -271,6 +271,30 @@ def test_padding_in_the_shared_prompt_update_never_counts_toward_expert_loads():
     assert all(torch.equal(m.expert_load, b) for m, b in zip(moes, before))
 
 
+def test_padding_in_a_training_batch_never_counts_toward_expert_loads():
+    """SFT batches are right-padded: with their `real` mask, the main layers and the MTP depth count each real
+    token k times and the padding never, and the counts do not change when the batch is padded wider."""
+    from nanor1.data import pad_batch
+    from nanor1.model import ModelConfig, Transformer
+    model = Transformer(ModelConfig.preset("tiny")).init_weights(0).train()
+    k = model.cfg.n_activated_experts
+    assert model.mtp and all(m.expert_load.sum() == 0 for m in model.moe_layers())
+    examples = [(list(range(3, 12)), [-100] * 4 + list(range(7, 12))), (list(range(20, 25)), [-100] * 2 + [22, 23, 24])]
+    loads = []
+    for multiple in (1, 16):
+        x, y, real = pad_batch(examples, pad_id=0, multiple=multiple)
+        assert int(real.sum()) == 8 + 4 and x.shape[1] == (8 if multiple == 1 else 16)
+        model(x, y, real)
+        assert all(m.expert_load.sum() == 12 * k for m in model.moe_layers()), multiple
+        assert all(m.load_mask is None for m in model.moe_layers())
+        loads.append([m.expert_load.clone() for m in model.moe_layers()])
+        for m in model.moe_layers():
+            m.expert_load.zero_()
+    assert all(torch.equal(a, b) for a, b in zip(*loads))
+    model(x, y)  # without the mask every position counts, padding included
+    assert all(m.expert_load.sum() == x.numel() * k for m in model.moe_layers())
+
+
 def test_kv_cache_is_latent_sized():
     cfg = ModelConfig.preset("speedrun")
     cache = Transformer(cfg).new_cache(n_slots=2, max_len=10, dtype=torch.float32)

@@ -126,8 +126,9 @@ def test_sft_labels_cover_only_the_assistant_turn():
     assert taken[-1] == tok.eos_id
     assert tok.decode(ids).startswith("<|user|>What is 3+5+1?<|assistant|>")
     data = SFTData([{"messages": msgs}] * 5, tok, 200, 4, seed=0)
-    x, y = data.batch(0)
-    assert x.shape == y.shape and (y != -100).sum() == len(taken) * x.shape[0]
+    x, y, real = data.batch(0)
+    assert x.shape == y.shape == real.shape and (y != -100).sum() == len(taken) * x.shape[0]
+    assert (real.sum(1) == len(ids) - 1).all() and real[:, : len(ids) - 1].all()  # the inputs' real tokens
     # the width rounds up to a multiple of 16 (kernel reuse on CPUs) and the padding takes no loss
     assert x.shape[1] % 16 == 0 and x.shape[1] - 16 < len(ids) - 1 <= x.shape[1]
     n = min(len(ids), x.shape[1])

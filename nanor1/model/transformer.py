@@ -111,14 +111,17 @@ class Transformer(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     # ------------------------------------------------------------------ training / scoring
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
-        """idx: (B, T) token ids; targets: (B, T) next-token ids with -100 where no loss is taken."""
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
+                real: torch.Tensor | None = None) -> ModelOutput:
+        """idx: (B, T) token ids; targets: (B, T) next-token ids with -100 where no loss is taken; real: (B, T) True
+        on real tokens, the only ones the MoE layers count toward their loads (None: every token is real)."""
         B, T = idx.shape
         cos, sin = self.rope_cos[:T, None], self.rope_sin[:T, None]  # (T, 1, rope/2)
         attend: Attend = lambda attn, h: attn(h, cos, sin)
         h = self.embed_tokens(idx)
-        for block in self.layers:
-            h = block(h, attend)
+        with self._counting_only(real):
+            for block in self.layers:
+                h = block(h, attend)
         h = self.norm(h)
         logits = self.lm_head(h)
         if targets is None:
@@ -126,7 +129,8 @@ class Transformer(nn.Module):
         lm_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         loss, mtp_loss = lm_loss, None
         if self.mtp and self.cfg.mtp_loss_weight > 0:
-            mtp_loss = self._mtp_loss(h, targets)
+            with self._counting_only(real):  # each depth runs on the same T positions
+                mtp_loss = self._mtp_loss(h, targets)
             if mtp_loss is not None:
                 loss = loss + self.cfg.mtp_loss_weight * mtp_loss
         aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
@@ -196,7 +200,11 @@ class Transformer(nn.Module):
 
     @contextlib.contextmanager
     def _counting_only(self, mask: torch.Tensor | None):
-        """Within the block, the MoE layers count only the tokens where `mask` is True toward their loads."""
+        """Within the block, the MoE layers count only the tokens where `mask` is True toward their loads (every
+        token, with no attribute written, when `mask` is None)."""
+        if mask is None:
+            yield
+            return
         layers = self.moe_layers()
         for m in layers:
             m.load_mask = mask
