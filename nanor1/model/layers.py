@@ -46,12 +46,18 @@ def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x0, x1), (x2, x3), ... as DeepSeek's checkpoints expect.
+    """Rotate the pairs (x0, x1), (x2, x3), ... of DeepSeek's checkpoints, given in halves: x holds the pairs' first
+    components (x0, x2, ...) in its first half and their second ones in the other (MLA gathers its projection rows
+    so, `rope_halves`), as contiguous halves read several times faster on CPUs than every other element.
 
-    x: (B, T, H, D); cos/sin broadcastable to (B, T, 1, D/2). The rotated evens and odds are written out as
-    two halves rather than re-interleaved: queries and keys get the same permutation, so their dot
-    products, and hence attention, are unchanged, and one copy is saved.
+    x: (B, T, H, D); cos/sin broadcastable to (B, T, 1, D/2). Returns the rotated pairs in the same halves layout.
     """
-    x1, x2 = x[..., 0::2], x[..., 1::2]
+    x1, x2 = x.chunk(2, dim=-1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def rope_halves(rope_dim: int) -> torch.Tensor:
+    """The order that puts interleaved RoPE pairs in `apply_rope`'s halves layout: evens first, then odds."""
+    i = torch.arange(rope_dim)
+    return torch.cat((i[0::2], i[1::2]))

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanor1.model.config import ModelConfig
-from nanor1.model.layers import RMSNorm, apply_rope
+from nanor1.model.layers import RMSNorm, apply_rope, rope_halves
 
 
 class KVCache:
@@ -91,15 +91,28 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.norm_eps)
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, H * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
         self.o_proj = nn.Linear(H * cfg.v_head_dim, cfg.dim, bias=False)
+        # the rows of the query and latent projections in the order `apply_rope` reads: each RoPE part in halves
+        # (a gather of the weight at every use, which is small; the weights keep the checkpoints' layout)
+        rope = rope_halves(self.rope_dim)
+        head = torch.cat((torch.arange(self.nope_dim), self.nope_dim + rope))
+        self.register_buffer("q_rows", (torch.arange(H)[:, None] * self.qk_head_dim + head).flatten(),
+                             persistent=False)
+        self.register_buffer("kv_rows", torch.cat((torch.arange(self.kv_lora_rank), self.kv_lora_rank + rope)),
+                             persistent=False)
 
     def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """Queries split into (nope, rope) parts and the cacheable latent [c_kv ; k_rope], RoPE applied."""
+        """Queries split into (nope, rope) parts and the cacheable latent [c_kv ; k_rope], RoPE applied (the RoPE
+        parts in `apply_rope`'s halves layout; queries and keys share it, so their dot products are unchanged)."""
         B, T, _ = x.shape
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
+        if self.q_lora_rank:
+            q = F.linear(self.q_a_layernorm(self.q_a_proj(x)), self.q_b_proj.weight[self.q_rows])
+        else:
+            q = F.linear(x, self.q_proj.weight[self.q_rows])
         q = q.view(B, T, self.n_heads, self.qk_head_dim)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q_rope = apply_rope(q_rope, cos, sin)
-        c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_kv, k_rope = F.linear(x, self.kv_a_proj_with_mqa.weight[self.kv_rows]).split(
+            [self.kv_lora_rank, self.rope_dim], dim=-1)
         k_rope = apply_rope(k_rope.unsqueeze(2), cos, sin).squeeze(2)  # one RoPE key for all heads
         latent = torch.cat((self.kv_a_layernorm(c_kv), k_rope), dim=-1)  # (B, T, kv_lora_rank + rope_dim)
         return q_nope, q_rope, latent
@@ -110,10 +123,11 @@ class MLA(nn.Module):
         c_kv, k_rope = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv = self.kv_b_proj(c_kv).view(B, T, H, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-        k = torch.cat((k_nope, k_rope.unsqueeze(2).expand(B, T, H, self.rope_dim)), dim=-1)
-        q = torch.cat((q_nope, q_rope), dim=-1)
+        # q and k assembled straight into (B, H, T, d), one copy each instead of a concatenation and a transpose
+        k = torch.cat((k_nope.transpose(1, 2), k_rope.unsqueeze(1).expand(B, H, T, self.rope_dim)), dim=-1)
+        q = torch.cat((q_nope.transpose(1, 2), q_rope.transpose(1, 2)), dim=-1)
         attend = _causal_attention_cpu if q.device.type == "cpu" else _causal_attention
-        out = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), self.scale)  # (B, H, T, v_dim)
+        out = attend(q, k, v.transpose(1, 2), self.scale)  # (B, H, T, v_dim)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

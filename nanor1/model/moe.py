@@ -119,7 +119,7 @@ class MoE(nn.Module):
             expert = flat_idx[order]
             rank = torch.arange(order.numel(), device=x.device) - (counts.cumsum(0) - counts)[expert]
             pos = (sizes.cumsum(0) - sizes)[expert] + rank
-            rows = rows.new_zeros(int(sizes.sum()), rows.shape[1]).index_copy(0, pos, rows)
+            rows = rows.new_zeros(int(sizes.sum()), rows.shape[1]).index_copy_(0, pos, rows)
         ys = torch.cat([F.linear(F.silu(F.linear(xe, w_gate[e])) * F.linear(xe, w_up[e]), w_down[e])
                         for e, xe in enumerate(rows.split(sizes.tolist())) if xe.shape[0]])
         if pos is not None:
