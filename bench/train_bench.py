@@ -6,7 +6,7 @@ has no MTP module, so ours runs twice: as configured (with its MTP loss) and wit
 like). --dense adds ours with every layer dense (no MoE). --compile adds ours under torch.compile (as
 `train_loop(compile=True)`; about two minutes of compilation each on 2 cores); transformers stays eager, as
 its Trainer is by default. Runs are interleaved so a busy CPU slows every side alike. Run:
-    python bench/train_bench.py [--batch 64] [--seq 128] [--reps 5] [--threads N] [--compile] [--dense]
+    python bench/train_bench.py [--batch 64] [--seq 128] [--reps 10] [--warmup 5] [--threads N] [--compile] [--dense]
 """
 
 from __future__ import annotations
@@ -31,7 +31,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--reps", type=int, default=5, help="timed steps per side, after one warm-up step each")
+    p.add_argument("--reps", type=int, default=10, help="timed steps per side")
+    p.add_argument("--warmup", type=int, default=5,
+                   help="untimed steps per side first: a process's first steps page-fault their activations in "
+                        "(transformers' took ~5 steps to settle here), and compilation happens then")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--compile", action="store_true", help="also time ours under torch.compile")
     p.add_argument("--dense", action="store_true",
@@ -106,7 +109,10 @@ def main() -> None:
     for name, fn in runs.items():  # warm-up (and compilation); the first losses of like models should agree
         t0 = time.perf_counter()
         losses[name] = fn()
-        print(f"warm-up step of {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+        print(f"first step of {name}: {time.perf_counter() - t0:.1f} s", flush=True)
+    for _ in range(args.warmup - 1):
+        for fn in runs.values():
+            fn()
     print("first-step losses (random init, so about ln(vocab) = "
           f"{torch.log(torch.tensor(float(cfg.vocab_size))):.2f}): "
           + ", ".join(f"{k} {v:.3f}" for k, v in losses.items()))
