@@ -6,6 +6,7 @@ of requests at a time; `load_hf_causal_lm` / `save_hf_policy` read and write suc
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import shutil
 from pathlib import Path
@@ -163,6 +164,8 @@ def load_hf_causal_lm(path: str | Path):
         raise NanoR1Error(f"{path}: model not found")
     kwargs: dict[str, Any] = {"dtype": torch.float32, "local_files_only": True}
     if _is_gguf(path):
+        if importlib.util.find_spec("gguf") is None:  # transformers would raise an ImportError deep in its loader
+            raise NanoR1Error(f"{path}: reading a .gguf file needs the gguf package; pip install gguf")
         source, kwargs["gguf_file"] = path.parent, path.name
     elif path.is_dir():
         if not (path / "config.json").is_file():

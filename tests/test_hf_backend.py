@@ -5,6 +5,7 @@ architecture nanor1 does not know, which runs through transformers (nanor1.hf_ba
 import importlib.util
 import warnings
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -209,6 +210,13 @@ def test_bad_folders_are_one_line_errors(llama_dir, tmp_path):
     assert "\n" not in str(e.value)
     with pytest.raises(NanoR1Error, match="not found"):
         load_policy(tmp_path / "missing")
+    gguf = tmp_path / "model.gguf"  # without the gguf package transformers cannot read one: say so, in one line
+    gguf.write_bytes(b"GGUF")
+    real_find_spec = importlib.util.find_spec
+    with mock.patch("importlib.util.find_spec", lambda name, *a: None if name == "gguf" else real_find_spec(name, *a)):
+        with pytest.raises(NanoR1Error, match="needs the gguf package; pip install gguf") as e:
+            load_policy(gguf)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.slow
