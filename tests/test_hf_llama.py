@@ -97,6 +97,10 @@ def test_frozen_weights_give_the_same_products():
             x = torch.randn(shape, generator=g).to(dtype)
             for bias in (None, b):
                 assert torch.equal(linear(x, packed, bias), F.linear(x, w, bias)), (dtype, shape, bias is not None)
+    with mock.patch("nanor1.common._can_pack_bf16", lambda: False):  # a torch build without oneDNN's packing
+        w = torch.randn(48, 32, generator=g).bfloat16()
+        packed = pack_frozen(w)
+        assert not packed.is_mkldnn and packed.data_ptr() == w.data_ptr()
 
 
 def test_bf16_sampling_with_packed_weights_is_unchanged():
