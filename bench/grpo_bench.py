@@ -5,7 +5,7 @@ per step (EOS suppressed), temperature 1, beta=0 (no reference model), one polic
 nanor1 accuracy + format reward, bf16 autocast for training; sampling in bf16 (ours from a bf16 copy of the
 policy, TRL under accelerate's autocast). Everything is local (HF_HUB_OFFLINE). The sides
 take turns, a few steps each per round, so a busy CPU slows both alike. Run:
-    python bench/grpo_bench.py [--rounds 2] [--steps 3] [--threads N]
+    python bench/grpo_bench.py [--rounds 2] [--steps 3] [--warmup 2] [--threads N]
 """
 
 from __future__ import annotations
@@ -131,7 +131,9 @@ def run_trl(folder: Path, out: Path, steps: int, seed: int, task) -> tuple[list[
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rounds", type=int, default=2, help="turns per side")
-    p.add_argument("--steps", type=int, default=3, help="timed GRPO steps per turn (after one warm-up step)")
+    p.add_argument("--steps", type=int, default=3, help="timed GRPO steps per turn")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed steps first in each turn (its first steps page-fault their memory in)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--rollout-dtype", default="bfloat16",
                    help="ours: GRPOConfig.rollout_dtype (TRL samples under accelerate's bf16 autocast)")
@@ -171,12 +173,14 @@ def main() -> None:
             for side in ("ours", "trl"):
                 out = Path(d) / f"{side}{r}"
                 t0 = time.perf_counter()
+                n, skip = args.steps + args.warmup, args.warmup - 1  # the first step has no duration already
                 if side == "ours":
-                    ts, ls, sp = run_ours(folder, out, args.steps + 1, seed=r, rollout_dtype=args.rollout_dtype)
-                    split += sp
+                    ts, ls, sp = run_ours(folder, out, n, seed=r, rollout_dtype=args.rollout_dtype)
+                    split += sp[skip:]
                 else:
-                    ts, ls, trl_autocast = run_trl(folder, out, args.steps + 1, r, task)
+                    ts, ls, trl_autocast = run_trl(folder, out, n, r, task)
                     print(f"TRL's model forward runs under bf16 autocast (sampling included): {trl_autocast}")
+                ts = ts[skip:]
                 times[side] += ts
                 lengths[side] += ls
                 print(f"round {r + 1} {side:>4}: steps {[round(t, 2) for t in ts]} s (whole turn with loading and "
