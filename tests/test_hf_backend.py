@@ -213,9 +213,9 @@ def test_bad_folders_are_one_line_errors(llama_dir, tmp_path):
     gguf = tmp_path / "model.gguf"  # without the gguf package transformers cannot read one: say so, in one line
     gguf.write_bytes(b"GGUF")
     real_find_spec = importlib.util.find_spec
-    with mock.patch("importlib.util.find_spec", lambda name, *a: None if name == "gguf" else real_find_spec(name, *a)):
-        with pytest.raises(NanoR1Error, match="needs the gguf package; pip install gguf") as e:
-            load_policy(gguf)
+    no_gguf = mock.patch("importlib.util.find_spec", lambda name, *a: None if name == "gguf" else real_find_spec(name, *a))
+    with no_gguf, pytest.raises(NanoR1Error, match="needs the gguf package; pip install gguf") as e:
+        load_policy(gguf)
     assert "\n" not in str(e.value)
 
 
