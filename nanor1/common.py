@@ -222,6 +222,12 @@ def round_up(n, multiple: int = SHAPE_MULTIPLE):
     return -(-n // multiple) * multiple
 
 
+def version_key(tensors: Iterable[torch.Tensor]) -> tuple:
+    """What changes when any of `tensors` is changed in place (its version counter: optimizer steps,
+    load_state_dict, copy_) or replaced by `.to()` (its storage): the key of a cache derived from them."""
+    return tuple((t.data_ptr(), t._version) for t in tensors)
+
+
 def pack_frozen(w: torch.Tensor, batch: int = 64) -> torch.Tensor:
     """A (out, in) weight that sampling will reuse many times, in oneDNN's own blocked layout where that exists
     (bf16 on CPUs): F.linear re-lays the weight out at every call, and a decode step of 64 rows then spends a

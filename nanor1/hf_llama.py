@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nanor1.common import linear, pack_frozen, round_up
+from nanor1.common import linear, pack_frozen, round_up, version_key
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 _BLOCK = 16  # cache positions are added this many at a time
@@ -120,7 +120,7 @@ class FastLlama(torch.nn.Module):
         """Packed weights for inference, kept while the parameters are unchanged: training and `load_state_dict`
         change them in place, and their version counters (or storage, after `.to()`) say so. A parameter object
         swapped for a new one is not seen; build a new FastLlama after that."""
-        key = tuple((p.data_ptr(), p._version) for p in self._params)
+        key = version_key(self._params)
         if key != self._key:
             with torch.no_grad():
                 self._layers, self._key = _pack(self.hf), key

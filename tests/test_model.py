@@ -295,6 +295,23 @@ def test_padding_in_a_training_batch_never_counts_toward_expert_loads():
     assert all(m.expert_load.sum() == x.numel() * k for m in model.moe_layers())
 
 
+def test_inference_follows_weights_changed_in_place():
+    """At inference MLA keeps its RoPE-ordered projection rows between calls: an in-place change of the weights
+    (an optimizer step, load_state_dict) must be seen by the next prefill, as by a fresh model."""
+    from nanor1.model import ModelConfig, Transformer
+    model = Transformer(ModelConfig.preset("tiny")).init_weights(0).eval()
+    idx = torch.randint(0, 100, (2, 7))
+    with torch.no_grad():
+        before = model(idx).logits
+        for p in model.parameters():
+            p.mul_(1.5)
+        after = model(idx).logits
+    fresh = Transformer(ModelConfig.preset("tiny"))
+    fresh.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert torch.equal(after, fresh.eval()(idx).logits) and not torch.allclose(before, after)
+
+
 def test_kv_cache_is_latent_sized():
     cfg = ModelConfig.preset("speedrun")
     cache = Transformer(cfg).new_cache(n_slots=2, max_len=10, dtype=torch.float32)

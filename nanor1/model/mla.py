@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nanor1.common import version_key
 from nanor1.model.config import ModelConfig
 from nanor1.model.layers import RMSNorm, apply_rope, rope_halves
 
@@ -99,19 +100,30 @@ class MLA(nn.Module):
                              persistent=False)
         self.register_buffer("kv_rows", torch.cat((torch.arange(self.kv_lora_rank), self.kv_lora_rank + rope)),
                              persistent=False)
+        self._inference_rows: dict[str, tuple] = {}  # gathered weights kept for decode, see _rows
+
+    def _rows(self, name: str, w: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """w's rows in `rows` order: gathered at every training forward (the gradient flows back through it), and
+        at inference kept while w is unchanged, since decode would otherwise gather at every token."""
+        if torch.is_grad_enabled():
+            return w[rows]
+        key = version_key([w])
+        hit = self._inference_rows.get(name)
+        if hit is None or hit[0] != key:
+            hit = self._inference_rows[name] = (key, w[rows])
+        return hit[1]
 
     def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Queries split into (nope, rope) parts and the cacheable latent [c_kv ; k_rope], RoPE applied (the RoPE
         parts in `apply_rope`'s halves layout; queries and keys share it, so their dot products are unchanged)."""
         B, T, _ = x.shape
-        if self.q_lora_rank:
-            q = F.linear(self.q_a_layernorm(self.q_a_proj(x)), self.q_b_proj.weight[self.q_rows])
-        else:
-            q = F.linear(x, self.q_proj.weight[self.q_rows])
+        q_proj = self.q_b_proj if self.q_lora_rank else self.q_proj
+        q_in = self.q_a_layernorm(self.q_a_proj(x)) if self.q_lora_rank else x
+        q = F.linear(q_in, self._rows("q", q_proj.weight, self.q_rows))
         q = q.view(B, T, self.n_heads, self.qk_head_dim)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
         q_rope = apply_rope(q_rope, cos, sin)
-        c_kv, k_rope = F.linear(x, self.kv_a_proj_with_mqa.weight[self.kv_rows]).split(
+        c_kv, k_rope = F.linear(x, self._rows("kv", self.kv_a_proj_with_mqa.weight, self.kv_rows)).split(
             [self.kv_lora_rank, self.rope_dim], dim=-1)
         k_rope = apply_rope(k_rope.unsqueeze(2), cos, sin).squeeze(2)  # one RoPE key for all heads
         latent = torch.cat((self.kv_a_layernorm(c_kv), k_rope), dim=-1)  # (B, T, kv_lora_rank + rope_dim)

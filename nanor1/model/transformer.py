@@ -114,14 +114,17 @@ class Transformer(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 real: torch.Tensor | None = None) -> ModelOutput:
         """idx: (B, T) token ids; targets: (B, T) next-token ids with -100 where no loss is taken; real: (B, T) True
-        on real tokens, the only ones the MoE layers count toward their loads (None: every token is real)."""
+        on real tokens, the only ones the MoE layers (MTP's included) count toward their loads (None: every token)."""
+        with self._counting_only(real):
+            return self._forward(idx, targets)
+
+    def _forward(self, idx: torch.Tensor, targets: torch.Tensor | None) -> ModelOutput:
         B, T = idx.shape
         cos, sin = self.rope_cos[:T, None], self.rope_sin[:T, None]  # (T, 1, rope/2)
         attend: Attend = lambda attn, h: attn(h, cos, sin)
         h = self.embed_tokens(idx)
-        with self._counting_only(real):
-            for block in self.layers:
-                h = block(h, attend)
+        for block in self.layers:
+            h = block(h, attend)
         h = self.norm(h)
         logits = self.lm_head(h)
         if targets is None:
@@ -129,8 +132,7 @@ class Transformer(nn.Module):
         lm_loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         loss, mtp_loss = lm_loss, None
         if self.mtp and self.cfg.mtp_loss_weight > 0:
-            with self._counting_only(real):  # each depth runs on the same T positions
-                mtp_loss = self._mtp_loss(h, targets)
+            mtp_loss = self._mtp_loss(h, targets)
             if mtp_loss is not None:
                 loss = loss + self.cfg.mtp_loss_weight * mtp_loss
         aux = [m.aux_loss for m in self.moe_layers() if m.aux_loss is not None]
