@@ -5,8 +5,10 @@ at every token; on a CPU at GRPO's batch sizes that overhead costs as much as th
 same weights with q|k|v and gate|up packed into one matmul each (on CPUs in bf16, also laid out once in oneDNN's
 blocked format, `nanor1.common.pack_frozen`), over a per-slot KV cache that grows in blocks,
 behind the `prefill` / `decode` / `new_cache` interface of nanor1's own Transformer, so the engine's
-`ModelBackend` drives it with continuous batching. Training stays with transformers' forward (a hand-written
-one measured no faster: the update's time is in its matmuls). Tests pin the logits to transformers' forward.
+`ModelBackend` drives it with continuous batching. GRPO's update runs the same concatenated weights with
+gradients (`continuation_logits`): each prompt once, its group's completions attending to its keys, the concatenated
+weights cast once for both passes. That update's time is mostly its matmuls, so the gain there is small (bench/README.md,
+GRPO). Tests pin the logits and gradients to transformers' forward.
 """
 
 from __future__ import annotations
@@ -17,15 +19,19 @@ import torch
 import torch.nn.functional as F
 
 from nanor1.common import linear, pack_frozen, round_up, version_key
+from nanor1.model.mla import _biased_attention_cpu, _causal_attention_cpu
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 _BLOCK = 16  # cache positions are added this many at a time
 
 
-def supports(model, max_seq_len: int) -> bool:
-    """Whether `model` is a causal LM that FastLlama reproduces exactly up to `max_seq_len` tokens."""
+def supports(model, max_seq_len: int, training: bool = False) -> bool:
+    """Whether `model` is a causal LM that FastLlama reproduces exactly up to `max_seq_len` tokens (`training`:
+    in train mode too, which needs attention without dropout)."""
     cfg = model.config
     if getattr(cfg, "model_type", None) not in SUPPORTED or getattr(cfg, "hidden_act", "silu") != "silu":
+        return False
+    if training and getattr(cfg, "attention_dropout", 0.0):
         return False
     if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "mlp_bias", False) or not hasattr(model, "model"):
         return False
@@ -56,15 +62,17 @@ def _cat(*ts):
     return None if ts[0] is None else torch.cat(ts)
 
 
-def _pack(model) -> list[_Layer]:
+def _gather(model, pack) -> list[_Layer]:
+    """Each layer's weights with q|k|v and gate|up concatenated, each passed through `pack` (`pack_frozen` for
+    sampling; for training a cast, through which the gradients reach the parameters)."""
     out = []
     for layer in model.model.layers:
         a, m = layer.self_attn, layer.mlp
-        out.append(_Layer(qkv=pack_frozen(torch.cat((a.q_proj.weight, a.k_proj.weight, a.v_proj.weight))),
+        out.append(_Layer(qkv=pack(torch.cat((a.q_proj.weight, a.k_proj.weight, a.v_proj.weight))),
                           qkv_bias=_cat(a.q_proj.bias, a.k_proj.bias, a.v_proj.bias),
-                          o=pack_frozen(a.o_proj.weight), o_bias=a.o_proj.bias,
-                          gate_up=pack_frozen(torch.cat((m.gate_proj.weight, m.up_proj.weight))),
-                          down=pack_frozen(m.down_proj.weight),
+                          o=pack(a.o_proj.weight), o_bias=a.o_proj.bias,
+                          gate_up=pack(torch.cat((m.gate_proj.weight, m.up_proj.weight))),
+                          down=pack(m.down_proj.weight),
                           norm1=layer.input_layernorm, norm2=layer.post_attention_layernorm,
                           q_norm=getattr(a, "q_norm", None), k_norm=getattr(a, "k_norm", None)))
     return out
@@ -123,7 +131,7 @@ class FastLlama(torch.nn.Module):
         key = version_key(self._params)
         if key != self._key:
             with torch.no_grad():
-                self._layers, self._key = _pack(self.hf), key
+                self._layers, self._key = _gather(self.hf, pack_frozen), key
                 self._head_weight = pack_frozen(self.hf.lm_head.weight)
         return self._layers
 
@@ -188,8 +196,60 @@ class FastLlama(torch.nn.Module):
             x = self._finish(layer, x, o.reshape(B, 1, H * D))
         return self._head(x[:, 0]).float()
 
-    def _head(self, h: torch.Tensor) -> torch.Tensor:
-        return linear(_norm(self.hf.model.norm, h), self._head_weight, self.hf.lm_head.bias)
+    def continuation_logits(self, prompts: torch.Tensor, prompt_lens: torch.Tensor, inputs: torch.Tensor,
+                            attention: torch.Tensor) -> torch.Tensor:
+        """The GRPO update's forward, with gradients: `Policy.continuation_logits` (each of n right-padded prompts
+        (n, P) run once, its G = B // n continuations (B, T) attending to its keys), on the model's own
+        parameters. Returns (B, T + 1, V) logits, as `nanor1.hf_backend.shared_prompt_logits` does with
+        transformers' forward."""
+        n, P = prompts.shape
+        B, T = inputs.shape
+        g = B // n
+        x = self.hf.model.embed_tokens(prompts)
+        dev = x.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        # the concatenated weights cast once for both passes (autocast would cast them at each use), and the
+        # rotation in that dtype too, as q and k come out of their projection
+        layers = _gather(self.hf, lambda w: w.to(dt))
+        probe = x.new_empty(0, dtype=dt)
+        cos, sin = self._rope_tables(probe, torch.arange(P, device=x.device)[None])
+        prefix = []
+        for layer in layers:
+            q, k, v = self._qkv(layer, x, cos, sin)
+            prefix.append((k, v))
+            k, v = self._expand_kv(k), self._expand_kv(v)
+            o = _causal_attention_cpu(q, k, v, self.scale) if dev == "cpu" else \
+                F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+            x = self._finish(layer, x, o.transpose(1, 2).reshape(n, P, -1))
+        head = self.hf.lm_head.weight
+        first = self._head(x[torch.arange(n, device=x.device), prompt_lens - 1], head)
+        first = first.repeat_interleave(g, 0)[:, None]
+        if T == 0:
+            return first
+        pos = prompt_lens.repeat_interleave(g, 0)[:, None] + torch.arange(T, device=inputs.device)
+        cos, sin = self._rope_tables(probe, pos)
+        x = self.hf.model.embed_tokens(inputs)
+        keep_prompt = torch.arange(P, device=x.device)[None, :] < prompt_lens[:, None]  # (n, P)
+        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        keep = torch.cat((keep_prompt.repeat_interleave(g, 0)[:, None, :].expand(B, T, P),
+                          causal.expand(B, T, T)), dim=-1)[:, None]  # (B, 1, T, P + T)
+        bias = torch.zeros(keep.shape, dtype=probe.dtype, device=x.device).masked_fill_(~keep, float("-inf"))
+        for layer, (pk, pv) in zip(layers, prefix):
+            q, k, v = self._qkv(layer, x, cos, sin)
+            k = self._expand_kv(torch.cat((pk.repeat_interleave(g, 0), k), dim=2))
+            v = self._expand_kv(torch.cat((pv.repeat_interleave(g, 0), v), dim=2))
+            o = _biased_attention_cpu(q, k, v, self.scale, bias) if dev == "cpu" else \
+                F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=self.scale)
+            x = self._finish(layer, x, o.transpose(1, 2).reshape(B, T, -1))
+        return torch.cat((first, self._head(x, head)), dim=1)
+
+    def _expand_kv(self, kv: torch.Tensor) -> torch.Tensor:
+        """(B, KV, S, D) -> (B, H, S, D): each kv head repeated for the query heads it serves."""
+        return kv if self.n_kv == self.n_heads else kv.repeat_interleave(self.n_heads // self.n_kv, dim=1)
+
+    def _head(self, h: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
+        return linear(_norm(self.hf.model.norm, h), self._head_weight if weight is None else weight,
+                      self.hf.lm_head.bias)
 
     def _rope_tables(self, x: torch.Tensor, positions: torch.Tensor):
         """cos, sin (B, 1, T, D) in x's dtype from the model's own rotary embedding (with any rope scaling).

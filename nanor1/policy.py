@@ -66,6 +66,9 @@ class Policy:
         (n, P), each prompt run once; attention: (B, T) True on real continuation tokens."""
         if self.kind == "nanor1":
             return self.model.forward_shared_prompts(prompts, prompt_lens, inputs, attention)
+        from nanor1.hf_llama import FastLlama, supports
+        if supports(self.model, prompts.shape[1] + inputs.shape[1], training=self.model.training):
+            return FastLlama(self.model).continuation_logits(prompts, prompt_lens, inputs, attention)
         from nanor1.hf_backend import shared_prompt_logits
         return shared_prompt_logits(self.model, prompts, prompt_lens, inputs, attention)
 

@@ -136,3 +136,46 @@ def test_only_what_it_reproduces_is_accepted():
     assert supports(_family("mistral", sliding_window=256), 160)  # a window longer than the context never does
     from transformers import GPT2Config, GPT2LMHeadModel
     assert not supports(GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2)), 160)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_update_forward_gives_transformers_logits_and_gradients(name):
+    """GRPO's update forward (each prompt once, its group's completions attending to it) against transformers'
+    own shared-prompt forward: the logits of the real positions, and the gradients of their log-probs; in float32
+    to 1e-5, under bf16 autocast to bf16's rounding."""
+    from test_model import _shared_prompt_batch
+    from nanor1.hf_backend import shared_prompt_logits
+    model = _family(name).train()
+    _, _, prompt_ids, lens, targets, real = _shared_prompt_batch(VOCAB)
+    inputs, attention = targets[:, :-1], real[:, :-1]
+    counted = torch.cat((torch.ones(len(real), 1, dtype=torch.bool), attention), dim=1)  # position 0 and real ones
+
+    def run(forward, dtype):
+        with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
+            logits = forward(model, prompt_ids, lens, inputs, attention)
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0]
+        (logp * real).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        return logits.detach().float(), grads
+
+    ours = lambda m, *a: FastLlama(m).continuation_logits(*a)  # noqa: E731
+    for dtype, atol, grad_tol in ((torch.float32, 1e-5, 1e-4), (torch.bfloat16, 0.05, 0.1)):
+        a, ga = run(ours, dtype)
+        b, gb = run(shared_prompt_logits, dtype)
+        assert (a - b)[counted].abs().max() < atol, (name, dtype)
+        for n in gb:
+            scale = gb[n].abs().max()
+            assert (ga[n] - gb[n]).abs().max() <= grad_tol * scale, (name, dtype, n)
+
+
+def test_policy_updates_through_fastllama_unless_attention_has_dropout():
+    from nanor1.policy import Policy
+    from test_model import _shared_prompt_batch
+    _, _, prompt_ids, lens, targets, real = _shared_prompt_batch(VOCAB)
+    for dropout, used in ((0.0, True), (0.1, False)):
+        policy = Policy(_family("llama", attention_dropout=dropout).train(), None, "hf", None)
+        with mock.patch.object(FastLlama, "continuation_logits", autospec=True,
+                               side_effect=FastLlama.continuation_logits) as fast:
+            policy.continuation_logits(prompt_ids, lens, targets[:, :-1], real[:, :-1])
+        assert fast.called == used
