@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from nanor1.common import linear, pack_frozen, round_up, version_key
+from nanor1.model.layers import rms_norm_train
 from nanor1.model.mla import _biased_attention_cpu, _causal_attention_cpu
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
@@ -213,35 +214,44 @@ class FastLlama(torch.nn.Module):
         layers = _gather(self.hf, lambda w: w.to(dt))
         probe = x.new_empty(0, dtype=dt)
         cos, sin = self._rope_tables(probe, torch.arange(P, device=x.device)[None])
+        rows, last = torch.arange(n, device=x.device), prompt_lens - 1
+        keep_prompt = torch.arange(P, device=x.device)[None, :] < prompt_lens[:, None]  # (n, P)
         prefix = []
-        for layer in layers:
+        for i, layer in enumerate(layers):
             q, k, v = self._qkv(layer, x, cos, sin)
             prefix.append((k, v))
             k, v = self._expand_kv(k), self._expand_kv(v)
-            o = _causal_attention_cpu(q, k, v, self.scale) if dev == "cpu" else \
-                F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-            x = self._finish(layer, x, o.transpose(1, 2).reshape(n, P, -1))
+            if i < len(layers) - 1:
+                o = _causal_attention_cpu(q, k, v, self.scale) if dev == "cpu" else \
+                    F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+                x = self._finish(layer, x, o.transpose(1, 2).reshape(n, P, -1))
+            else:  # past its keys and values, the last layer needs only each prompt's last position, which
+                # predicts the first completion token: that query alone attends and goes through the MLP
+                o = self._attend(q[rows, :, last][:, :, None], k, v, keep_prompt[:, None, None])
+                x = self._finish(layer, x[rows, last][:, None], o.transpose(1, 2).reshape(n, 1, -1))
         head = self.hf.lm_head.weight
-        first = self._head(x[torch.arange(n, device=x.device), prompt_lens - 1], head)
-        first = first.repeat_interleave(g, 0)[:, None]
+        first = self._head(x[:, 0], head).repeat_interleave(g, 0)[:, None]
         if T == 0:
             return first
         pos = prompt_lens.repeat_interleave(g, 0)[:, None] + torch.arange(T, device=inputs.device)
         cos, sin = self._rope_tables(probe, pos)
         x = self.hf.model.embed_tokens(inputs)
-        keep_prompt = torch.arange(P, device=x.device)[None, :] < prompt_lens[:, None]  # (n, P)
         causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
         keep = torch.cat((keep_prompt.repeat_interleave(g, 0)[:, None, :].expand(B, T, P),
                           causal.expand(B, T, T)), dim=-1)[:, None]  # (B, 1, T, P + T)
-        bias = torch.zeros(keep.shape, dtype=probe.dtype, device=x.device).masked_fill_(~keep, float("-inf"))
         for layer, (pk, pv) in zip(layers, prefix):
             q, k, v = self._qkv(layer, x, cos, sin)
             k = self._expand_kv(torch.cat((pk.repeat_interleave(g, 0), k), dim=2))
             v = self._expand_kv(torch.cat((pv.repeat_interleave(g, 0), v), dim=2))
-            o = _biased_attention_cpu(q, k, v, self.scale, bias) if dev == "cpu" else \
-                F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=self.scale)
-            x = self._finish(layer, x, o.transpose(1, 2).reshape(B, T, -1))
+            x = self._finish(layer, x, self._attend(q, k, v, keep).transpose(1, 2).reshape(B, T, -1))
         return torch.cat((first, self._head(x, head)), dim=1)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Attention of q (B, H, T, D) over k, v (B, H, S, D) where `keep` (broadcast to (B, 1, T, S)) is True."""
+        if q.device.type == "cpu":
+            bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~keep, float("-inf"))
+            return _biased_attention_cpu(q, k, v, self.scale, bias)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=self.scale)
 
     def _expand_kv(self, kv: torch.Tensor) -> torch.Tensor:
         """(B, KV, S, D) -> (B, H, S, D): each kv head repeated for the query heads it serves."""
@@ -271,8 +281,13 @@ class FastLlama(torch.nn.Module):
 
 
 def _norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The family's RMSNorm (weight * x / rms(x), eps inside the root) as PyTorch's fused kernel."""
-    return F.rms_norm(x, x.shape[-1:], norm.weight.to(x.dtype), norm.variance_epsilon)
+    """The family's RMSNorm (weight * x / rms(x), eps inside the root): nanor1's training one (a shorter
+    backward) where gradients flow, else the family's own ops. PyTorch's CPU `rms_norm` is a composite with more
+    casts: at decode sizes its launches cost 11% of a GRPO bench rollout, the family's ops about half that."""
+    if torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad):
+        return rms_norm_train(x, norm.weight, norm.variance_epsilon)
+    xf = x.float()
+    return norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)).to(x.dtype)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
