@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 
 from nanor1.common import linear, pack_frozen, round_up, version_key
-from nanor1.model.layers import rms_norm_train
 from nanor1.model.mla import _biased_attention_cpu, _causal_attention_cpu
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
@@ -278,6 +277,43 @@ class FastLlama(torch.nn.Module):
             cos, sin = rotary(x, torch.arange(n, device=x.device)[None])
             self._rope = table = cos[0], sin[0]
         return table[0][positions][:, None], table[1][positions][:, None]
+
+
+def rms_norm_train(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The family's RMSNorm with gradients, in float32: the result in the autocast dtype under autocast (every
+    reader is a matmul), else in x's and weight's. The same values as the family's own for float32 x (the
+    residual stream); for lower-precision x this rounds once where the family rounds x / rms(x) first."""
+    dev = x.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(x.dtype,
+                                                                                                      weight.dtype)
+    return _RMSNormFunction.apply(x, weight, eps, dtype)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """RMSNorm's forward and backward in a few whole-tensor passes. PyTorch's CPU `rms_norm` is a composite of
+    casts and elementwise ops, and autograd's backward through it is longer still: this is 2x faster forward plus
+    backward at the GRPO bench's shapes (bench/README.md, GRPO)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        r = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+        normed = xf * r
+        ctx.save_for_backward(normed, r, weight)
+        ctx.x_dtype = x.dtype
+        return (normed * weight).to(dtype)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        # y = w * n with n = x * r, r = (mean(x^2) + eps)^-1/2:
+        # dx = r * (g - n * mean(g * n)) with g = dy * w, and dw = sum over rows of dy * n
+        normed, r, weight = ctx.saved_tensors
+        d = normed.shape[-1]
+        g = (dy * weight).to(normed.dtype)  # a no-op for a float32 weight
+        dw = (dy * normed).reshape(-1, d).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        c = torch.linalg.vecdot(g, normed).unsqueeze_(-1).div_(d)
+        dx = torch.addcmul(g, normed, c, value=-1).mul_(r).to(ctx.x_dtype)
+        return dx, dw, None, None
 
 
 def _norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

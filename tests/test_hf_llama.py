@@ -179,3 +179,24 @@ def test_policy_updates_through_fastllama_unless_attention_has_dropout():
                                side_effect=FastLlama.continuation_logits) as fast:
             policy.continuation_logits(prompt_ids, lens, targets[:, :-1], real[:, :-1])
         assert fast.called == used
+
+
+def test_training_rms_norm_is_the_formula_with_its_gradients():
+    """The update's RMSNorm (its own backward): gradcheck in float64; values and gradients against autograd
+    through the family's own RMSNorm in float32; the autocast dtype for its readers."""
+    from nanor1.hf_llama import rms_norm_train
+    g = torch.Generator().manual_seed(0)
+    x64 = (3 * torch.randn(2, 5, 64, generator=g, dtype=torch.float64)).requires_grad_()
+    w64 = (0.5 + torch.rand(64, generator=g, dtype=torch.float64)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: rms_norm_train(a, b, 1e-6), (x64, w64))
+    norm = _family("llama").model.norm
+    x = x64.detach().float().requires_grad_()
+    dy = torch.randn(2, 5, 64, generator=g)
+    ours = rms_norm_train(x, norm.weight, norm.variance_epsilon)
+    grads = torch.autograd.grad(ours, (x, norm.weight), dy)
+    ref = norm(x)
+    ref_grads = torch.autograd.grad(ref, (x, norm.weight), dy)
+    assert ours.dtype == torch.float32 and (ours - ref).abs().max() < 1e-5
+    assert all((a - b).abs().max() < 1e-4 for a, b in zip(grads, ref_grads))
+    with torch.autocast("cpu", torch.bfloat16):
+        assert rms_norm_train(x, norm.weight, norm.variance_epsilon).dtype == torch.bfloat16

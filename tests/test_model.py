@@ -71,31 +71,6 @@ def test_v3_builds_on_meta_with_published_size():
     assert 36.5e9 < counts["active"] < 38e9  # "37B activated for each token"
 
 
-def test_training_rms_norm_is_the_formula_with_its_gradients():
-    """RMSNorm's training function (its own backward): values and gradients against autograd through the formula
-    in float64, gradcheck in float64, the inference path's values, and the autocast dtype for its readers."""
-    from nanor1.model.layers import RMSNorm, rms_norm_train
-    g = torch.Generator().manual_seed(0)
-    x64 = (3 * torch.randn(2, 5, 16, generator=g, dtype=torch.float64)).requires_grad_()
-    w64 = (0.5 + torch.rand(16, generator=g, dtype=torch.float64)).requires_grad_()
-    assert torch.autograd.gradcheck(lambda a, b: rms_norm_train(a, b, 1e-6), (x64, w64))
-    dy = torch.randn(2, 5, 16, generator=g, dtype=torch.float64)
-    ref = w64 * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6)
-    ref_grads = torch.autograd.grad(ref, (x64, w64), dy)
-    norm = RMSNorm(16)
-    with torch.no_grad():
-        norm.weight.copy_(w64)
-    x = x64.detach().float().requires_grad_()
-    y = norm(x)
-    grads = torch.autograd.grad(y, (x, norm.weight), dy.float())
-    assert y.dtype == torch.float32 and (y - ref).abs().max() < 1e-5
-    assert all((a - b).abs().max() < 1e-5 for a, b in zip(grads, ref_grads))
-    with torch.no_grad():
-        assert (norm(x) - y).abs().max() < 1e-5  # the inference path
-    with torch.autocast("cpu", torch.bfloat16):
-        assert norm(x).dtype == torch.bfloat16
-
-
 def test_aux_free_bias_moves_against_load(tiny_model):
     model = tiny_model.train()
     moe = model.moe_layers()[0]
@@ -265,7 +240,7 @@ def check_shared_prompt_update(model, device, atol: float, grad_rtol: float, gra
 
 def test_shared_prompt_logits_equal_full_sequences():
     """GRPO's update runs each prompt once for its group: the completions' log-probs and their gradients must be
-    what a forward over each whole prompt + completion row gives. In float64, but the MoE router computes in float32
+    what a forward over each whole prompt + completion row gives. In float64, but RMSNorm computes in float32
     even then, so gradients summed in another order differ by float32 rounding."""
     from nanor1.model import ModelConfig, Transformer
     model = Transformer(ModelConfig.preset("tiny")).init_weights(0).double()

@@ -16,8 +16,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad):
-            return rms_norm_train(x, self.weight, self.eps)
         dtype = x.dtype
         x = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         out = self.weight * x.to(dtype)
@@ -25,43 +23,6 @@ class RMSNorm(nn.Module):
             # the layers that read a norm's output compute in the autocast dtype: cast once here, not in each
             return out.to(torch.get_autocast_dtype(out.device.type))
         return out
-
-
-def rms_norm_train(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """weight * x / rms(x) with gradients, in float32; the result in the autocast dtype under autocast (every
-    reader is a matmul), else in x's and weight's. One rounding, where RMSNorm's inference path rounds x / rms(x)
-    to x's dtype first."""
-    dev = x.device.type
-    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(x.dtype,
-                                                                                                      weight.dtype)
-    return _RMSNormFunction.apply(x, weight, eps, dtype)
-
-
-class _RMSNormFunction(torch.autograd.Function):
-    """RMSNorm's forward and backward in a few whole-tensor passes. PyTorch's CPU `rms_norm` is a composite of
-    casts and elementwise ops, and autograd's backward through it is longer still: this is 1.5-2x faster forward
-    plus backward at the speedrun's and the GRPO bench's shapes (bench/README.md, Training)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        r = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
-        normed = xf * r
-        ctx.save_for_backward(normed, r, weight)
-        ctx.x_dtype = x.dtype
-        return (normed * weight).to(dtype)
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        # y = w * n with n = x * r, r = (mean(x^2) + eps)^-1/2:
-        # dx = r * (g - n * mean(g * n)) with g = dy * w, and dw = sum over rows of dy * n
-        normed, r, weight = ctx.saved_tensors
-        d = normed.shape[-1]
-        g = (dy * weight).to(normed.dtype)  # a no-op for a float32 weight
-        dw = (dy * normed).reshape(-1, d).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        c = torch.linalg.vecdot(g, normed).unsqueeze_(-1).div_(d)
-        dx = torch.addcmul(g, normed, c, value=-1).mul_(r).to(ctx.x_dtype)
-        return dx, dw, None, None
 
 
 class MLP(nn.Module):
