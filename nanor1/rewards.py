@@ -56,6 +56,9 @@ def _words(text: str) -> list[str]:
     """Script name of each word: runs of letters, split where the script changes; CJK/Thai char by char."""
     out = []
     for run in _LETTERS.findall(text):
+        if run.isascii():  # ASCII letters are all Latin: one word, without a Unicode name lookup per character
+            out.append("LATIN")
+            continue
         prev = None
         for ch in run:
             s = _char_script(ch)

@@ -88,6 +88,26 @@ def test_default_weights_give_the_speedrun_scheme():
     assert "overlong" not in out
 
 
+def test_word_scripts_take_the_ascii_shortcut_exactly():
+    """ASCII letter runs skip the per-character Unicode lookup: the words must be those of the lookup."""
+    import unicodedata
+    from nanor1.rewards import _LETTERS, _NO_SPACES, _words
+
+    def by_lookup(text):
+        out = []
+        for run in _LETTERS.findall(text):
+            prev = None
+            for ch in run:
+                s = unicodedata.name(ch, "").split(" ", 1)[0]
+                if s != prev or s in _NO_SPACES:
+                    out.append(s)
+                prev = s
+        return out
+
+    for text in ("plain ascii words, 3 + 4 = 7", "abcпривет mixed", "naïve café", "日本語 and 한국어", "x_y9z", ""):
+        assert _words(text) == by_lookup(text), text
+
+
 def test_weighted_sum_with_overlong_and_language():
     cfg = RewardConfig(accuracy=1.0, format=0.5, language=0.2, overlong=1.0, max_tokens=100, cache_tokens=20)
     out = compute_rewards([GOOD, "wrong 猫"], [P, P], TASK, cfg, n_tokens=[90, 10])
