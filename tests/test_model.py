@@ -117,6 +117,46 @@ def test_expert_paths_agree_padded_loop_included():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_cpu_bf16_experts_run_as_grouped_matmuls():
+    """On CPUs in bf16 (training under autocast) the routed experts run as three grouped matmuls over zero-padded
+    blocks: the same as the float32 loop to bf16's rounding, values and gradients; and the static-size buffer
+    used under torch.compile (the last expert's block running to its end) gives exactly the eager result."""
+    from unittest import mock
+    from nanor1.model.moe import CPU_EXPERT_ROWS
+    torch.manual_seed(0)
+    moe = Transformer(ModelConfig.preset("tiny", n_routed_experts=8, n_activated_experts=2)).init_weights(0)
+    moe = moe.moe_layers()[0]
+    x = torch.randn(300, moe.w_gate.shape[2])
+    weights, idx, _ = moe.gate(x)
+    counts = torch.bincount(idx.flatten(), minlength=8)
+    assert (counts % CPU_EXPERT_ROWS != 0).any() and (counts > 0).sum() > 1
+    params = [moe.w_gate, moe.w_up, moe.w_down]
+
+    def run(inp):
+        inp = inp.clone().requires_grad_()
+        out = moe._sparse_experts(inp, weights, idx)
+        g = torch.linspace(-1, 1, out.numel()).view_as(out).to(out.dtype)
+        return out, torch.autograd.grad(out, [inp] + params, g)
+
+    ref, ref_grads = run(x)  # float32: the loop over experts
+    out, grads = run(x.bfloat16())
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.02)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a.float(), b, rtol=0.05, atol=0.05 * float(b.abs().max()))
+    with mock.patch("torch.compiler.is_compiling", return_value=True):
+        static, static_grads = run(x.bfloat16())
+    assert torch.equal(static, out) and all(torch.equal(a, b) for a, b in zip(static_grads, grads))
+
+
+def test_training_forward_traces_without_graph_breaks():
+    """torch.compile (train_loop(compile=True)) sees the whole model as one graph, MoE layers included."""
+    model = Transformer(ModelConfig.preset("tiny", n_mtp_layers=1)).init_weights(0).train()
+    x = torch.randint(1, 100, (2, 16))
+    with torch.autocast("cpu", torch.bfloat16):
+        explained = torch._dynamo.explain(model)(x, x)
+    assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
+
+
 def test_sequence_balance_loss_formula():
     cfg = ModelConfig.preset("tiny", seq_aux_loss_alpha=0.01)
     model = Transformer(cfg).init_weights(0).train()

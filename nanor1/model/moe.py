@@ -94,9 +94,10 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         if self.training:
-            with torch.no_grad():
-                counted = idx if self.load_mask is None else idx[self.load_mask.reshape(-1)]
-                self.expert_load += torch.bincount(counted.flatten(), minlength=self.n_experts).float()
+            with torch.no_grad():  # a scatter rather than bincount of the masked ids: no data-dependent shape
+                counted = torch.ones_like(idx, dtype=self.expert_load.dtype) if self.load_mask is None else \
+                    self.load_mask.reshape(-1, 1).expand_as(idx).to(self.expert_load.dtype)
+                self.expert_load.scatter_add_(0, idx.flatten(), counted.flatten())
             if self.seq_aux_loss_alpha > 0 and x.dim() == 3:
                 self.aux_loss = self._sequence_balance_loss(scores.view(shape[0], shape[1], -1), idx.view(
                     shape[0], shape[1], -1))
@@ -104,26 +105,33 @@ class MoE(nn.Module):
 
     def _sparse_experts(self, x, weights, idx) -> torch.Tensor:
         """Tokens sorted by expert, one matmul chain per expert that has tokens (training, prefill)."""
-        flat_idx = idx.flatten()
+        E, flat_idx = self.n_experts, idx.flatten()
         order = flat_idx.argsort(stable=True)
-        counts = torch.bincount(flat_idx, minlength=self.n_experts)
+        counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, flat_idx, torch.ones_like(flat_idx))
         token_of = order // self.top_k
-        # one cast and one unbind per stacked weight, and split rather than slicing: indexing per expert would
-        # cast each slice separately and give each slice's backward a full-size zero gradient to add up
-        dt = x.dtype
-        w_gate, w_up, w_down = (w.to(dt).unbind(0) for w in (self.w_gate, self.w_up, self.w_down))
         rows = x.index_select(0, token_of)  # sorted by expert; index_select's backward is one index_add_
-        sizes, pos = counts, None
-        if x.device.type == "cpu":  # each expert's rows at the start of a zero-padded block (CPU_EXPERT_ROWS)
+        dt = x.dtype
+        if x.device.type == "cpu" and dt == torch.bfloat16:
+            # each expert's rows at the start of a zero-padded block (CPU_EXPERT_ROWS), one grouped matmul per
+            # projection. Under torch.compile the buffer's size depends only on the batch (the last expert's block
+            # runs to its end, over zero rows), so the layer has no data-dependent shape and compiles whole.
             sizes = round_up(counts, CPU_EXPERT_ROWS)
             expert = flat_idx[order]
             rank = torch.arange(order.numel(), device=x.device) - (counts.cumsum(0) - counts)[expert]
             pos = (sizes.cumsum(0) - sizes)[expert] + rank
-            rows = rows.new_zeros(int(sizes.sum()), rows.shape[1]).index_copy_(0, pos, rows)
-        ys = torch.cat([F.linear(F.silu(F.linear(xe, w_gate[e])) * F.linear(xe, w_up[e]), w_down[e])
-                        for e, xe in enumerate(rows.split(sizes.tolist())) if xe.shape[0]])
-        if pos is not None:
-            ys = ys.index_select(0, pos)
+            total = round_up(order.numel() + E * (CPU_EXPERT_ROWS - 1), CPU_EXPERT_ROWS) \
+                if torch.compiler.is_compiling() else int(sizes.sum())
+            padded = rows.new_zeros(total, rows.shape[1]).index_copy_(0, pos, rows)
+            offs = torch.cat((sizes.cumsum(0)[:-1], sizes.new_full((1,), total))).to(torch.int32)
+            w_gate, w_up, w_down = (w.to(dt).transpose(1, 2) for w in (self.w_gate, self.w_up, self.w_down))
+            h = F.silu(F.grouped_mm(padded, w_gate, offs=offs)) * F.grouped_mm(padded, w_up, offs=offs)
+            ys = F.grouped_mm(h, w_down, offs=offs).index_select(0, pos)
+        else:
+            # one cast and one unbind per stacked weight, and split rather than slicing: indexing per expert would
+            # cast each slice separately and give each slice's backward a full-size zero gradient to add up
+            w_gate, w_up, w_down = (w.to(dt).unbind(0) for w in (self.w_gate, self.w_up, self.w_down))
+            ys = torch.cat([F.linear(F.silu(F.linear(xe, w_gate[e])) * F.linear(xe, w_up[e]), w_down[e])
+                            for e, xe in enumerate(rows.split(counts.tolist())) if xe.shape[0]])
         ys = ys * weights.flatten()[order, None].to(ys.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, ys.to(dt))
 
