@@ -28,7 +28,7 @@ def main() -> None:
 
     import torch
     from nanor1.model import ModelConfig
-    from nanor1.model.mla import _causal_attention, _causal_attention_cpu
+    from nanor1.model.mla import _causal_attention, causal_attention_cpu
     start(args.threads)
     cfg = ModelConfig.preset("speedrun")
     B, H, T = args.batch, cfg.n_heads, args.seq
@@ -46,7 +46,7 @@ def main() -> None:
         out.backward(grad)
         return out.detach().float(), [t.grad.float() for t in leaves]
 
-    sides = {"torch SDPA": _causal_attention, "nanor1 CPU path": _causal_attention_cpu}
+    sides = {"torch SDPA": _causal_attention, "nanor1 CPU path": causal_attention_cpu}
     results = {name: run(fn) for name, fn in sides.items()}  # warm-up, and the outputs to compare
     (o1, g1), (o2, g2) = results.values()
     err = max([float((o1 - o2).abs().max())] + [float((a - b).abs().max()) for a, b in zip(g1, g2)])

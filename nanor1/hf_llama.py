@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from nanor1.common import linear, pack_frozen, round_up, version_key
-from nanor1.model.mla import _biased_attention_cpu, _causal_attention_cpu
+from nanor1.model.mla import biased_attention_cpu, causal_attention_cpu
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 _BLOCK = 16  # cache positions are added this many at a time
@@ -221,7 +221,7 @@ class FastLlama(torch.nn.Module):
             prefix.append((k, v))
             k, v = self._expand_kv(k), self._expand_kv(v)
             if i < len(layers) - 1:
-                o = _causal_attention_cpu(q, k, v, self.scale) if dev == "cpu" else \
+                o = causal_attention_cpu(q, k, v, self.scale) if dev == "cpu" else \
                     F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
                 x = self._finish(layer, x, o.transpose(1, 2).reshape(n, P, -1))
             else:  # past its keys and values, the last layer needs only each prompt's last position, which
@@ -249,7 +249,7 @@ class FastLlama(torch.nn.Module):
         """Attention of q (B, H, T, D) over k, v (B, H, S, D) where `keep` (broadcast to (B, 1, T, S)) is True."""
         if q.device.type == "cpu":
             bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~keep, float("-inf"))
-            return _biased_attention_cpu(q, k, v, self.scale, bias)
+            return biased_attention_cpu(q, k, v, self.scale, bias)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=self.scale)
 
     def _expand_kv(self, kv: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,16 @@ VOCAB = 97
 
 
 def _family(name: str, **extra):
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
     config, model = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
                      "qwen3": (Qwen3Config, Qwen3ForCausalLM), "mistral": (MistralConfig, MistralForCausalLM)}[name]
     kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -138,14 +146,15 @@ def test_only_what_it_reproduces_is_accepted():
     assert not supports(GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2)), 160)
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_update_forward_gives_transformers_logits_and_gradients(name):
+@pytest.mark.parametrize("name,rope", [(f, None) for f in FAMILIES] + [("llama", r) for r in ROPE])
+def test_update_forward_gives_transformers_logits_and_gradients(name, rope):
     """GRPO's update forward (each prompt once, its group's completions attending to it) against transformers'
     own shared-prompt forward: the logits of the real positions, and the gradients of their log-probs; in float32
     to 1e-5, under bf16 autocast to bf16's rounding."""
     from test_model import _shared_prompt_batch
+
     from nanor1.hf_backend import shared_prompt_logits
-    model = _family(name).train()
+    model = _family(name, **({"rope_parameters": ROPE[rope]} if rope else {})).train()
     _, _, prompt_ids, lens, targets, real = _shared_prompt_batch(VOCAB)
     inputs, attention = targets[:, :-1], real[:, :-1]
     counted = torch.cat((torch.ones(len(real), 1, dtype=torch.bool), attention), dim=1)  # position 0 and real ones
@@ -159,7 +168,7 @@ def test_update_forward_gives_transformers_logits_and_gradients(name):
         model.zero_grad(set_to_none=True)
         return logits.detach().float(), grads
 
-    ours = lambda m, *a: FastLlama(m).continuation_logits(*a)  # noqa: E731
+    ours = lambda m, *a: FastLlama(m).continuation_logits(*a)
     for dtype, atol, grad_tol in ((torch.float32, 1e-5, 1e-4), (torch.bfloat16, 0.05, 0.1)):
         a, ga = run(ours, dtype)
         b, gb = run(shared_prompt_logits, dtype)
@@ -170,8 +179,9 @@ def test_update_forward_gives_transformers_logits_and_gradients(name):
 
 
 def test_policy_updates_through_fastllama_unless_attention_has_dropout():
-    from nanor1.policy import Policy
     from test_model import _shared_prompt_batch
+
+    from nanor1.policy import Policy
     _, _, prompt_ids, lens, targets, real = _shared_prompt_batch(VOCAB)
     for dropout, used in ((0.0, True), (0.1, False)):
         policy = Policy(_family("llama", attention_dropout=dropout).train(), None, "hf", None)

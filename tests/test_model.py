@@ -122,6 +122,7 @@ def test_cpu_bf16_experts_run_as_grouped_matmuls():
     blocks: the same as the float32 loop to bf16's rounding, values and gradients; and the static-size buffer
     used under torch.compile (the last expert's block running to its end) gives exactly the eager result."""
     from unittest import mock
+
     from nanor1.model.moe import CPU_EXPERT_ROWS
     torch.manual_seed(0)
     moe = Transformer(ModelConfig.preset("tiny", n_routed_experts=8, n_activated_experts=2)).init_weights(0)

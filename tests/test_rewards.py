@@ -7,8 +7,17 @@ import pytest
 
 from nanor1.common import NanoR1Error
 from nanor1.config import load_config
-from nanor1.rewards import (Extraction, RewardConfig, Script, accuracy_reward, compute_rewards, format_reward,
-                            language_consistency_reward, load_user_reward, overlong_reward)
+from nanor1.rewards import (
+    Extraction,
+    RewardConfig,
+    Script,
+    accuracy_reward,
+    compute_rewards,
+    format_reward,
+    language_consistency_reward,
+    load_user_reward,
+    overlong_reward,
+)
 from nanor1.tasks import get_task
 from nanor1.tasks.base import make_problem
 
@@ -91,6 +100,7 @@ def test_default_weights_give_the_speedrun_scheme():
 def test_word_scripts_take_the_ascii_shortcut_exactly():
     """ASCII letter runs skip the per-character Unicode lookup: the words must be those of the lookup."""
     import unicodedata
+
     from nanor1.rewards import _LETTERS, _NO_SPACES, _words
 
     def by_lookup(text):

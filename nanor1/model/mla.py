@@ -50,7 +50,7 @@ def _causal_attention(q, k, v, scale: float) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
-def _causal_attention_cpu(q, k, v, scale: float) -> torch.Tensor:
+def causal_attention_cpu(q, k, v, scale: float) -> torch.Tensor:
     """The same attention as three batched matmuls, for CPUs: scale and causal mask fused into one baddbmm,
     softmax in the scores' dtype (PyTorch's CPU kernels accumulate bf16 in float32, so a float32 copy of the
     scores would only add two casts: ~1.8x slower forward plus backward, same error against float64).
@@ -58,11 +58,11 @@ def _causal_attention_cpu(q, k, v, scale: float) -> torch.Tensor:
     separate passes, and its flash kernel with v padded to the key width is slower still: this is 1.7x
     faster in bf16 at the speedrun shapes, forward plus backward (bench/attention_bench.py)."""
     T = q.shape[2]
-    return _biased_attention_cpu(q, k, v, scale,
+    return biased_attention_cpu(q, k, v, scale,
                                  torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1))
 
 
-def _biased_attention_cpu(q, k, v, scale: float, bias: torch.Tensor) -> torch.Tensor:
+def biased_attention_cpu(q, k, v, scale: float, bias: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T * scale + bias) v for (B, H, T, d) queries and (B, H, S, d) keys; bias (T, S) or (B, 1, T, S)
     with -inf where a query may not look."""
     B, H, T, d = q.shape
@@ -138,7 +138,7 @@ class MLA(nn.Module):
         # q and k assembled straight into (B, H, T, d), one copy each instead of a concatenation and a transpose
         k = torch.cat((k_nope.transpose(1, 2), k_rope.unsqueeze(1).expand(B, H, T, self.rope_dim)), dim=-1)
         q = torch.cat((q_nope.transpose(1, 2), q_rope.transpose(1, 2)), dim=-1)
-        attend = _causal_attention_cpu if q.device.type == "cpu" else _causal_attention
+        attend = causal_attention_cpu if q.device.type == "cpu" else _causal_attention
         out = attend(q, k, v.transpose(1, 2), self.scale)  # (B, H, T, v_dim)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
@@ -175,7 +175,7 @@ class MLA(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype)
         if q.device.type == "cpu":
             bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~keep, float("-inf"))
-            out = _biased_attention_cpu(q, k, v, self.scale, bias)
+            out = biased_attention_cpu(q, k, v, self.scale, bias)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.v_dim))
