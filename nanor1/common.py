@@ -223,8 +223,10 @@ def round_up(n, multiple: int = SHAPE_MULTIPLE):
 
 
 def version_key(tensors: Iterable[torch.Tensor]) -> tuple:
-    """What changes when any of `tensors` is changed in place (its version counter: optimizer steps,
-    load_state_dict, copy_) or replaced by `.to()` (its storage): the key of a cache derived from them."""
+    """What changes when any of `tensors` is changed in place (its version counter: in-place ops such as
+    load_state_dict's copy_, and the steps of nanor1's optimizers, which bump it because PyTorch's fused AdamW
+    does not; see nanor1.train.make_optimizer) or replaced by `.to()` (its storage): the key of a cache derived
+    from them."""
     return tuple((t.data_ptr(), t._version) for t in tensors)
 
 

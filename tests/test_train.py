@@ -82,6 +82,39 @@ def test_muon_takes_the_matrices_and_adamw_the_rest():
     assert len(on_muon) + sum(len(g["params"]) for g in adamw.param_groups) == len(names)
 
 
+@pytest.mark.parametrize("optimizer", [Optimizer.ADAMW, Optimizer.MUON])
+def test_inference_after_an_optimizer_step_uses_the_new_weights(optimizer):
+    """GRPO samples from the policy between steps. Inference caches weights derived from the parameters (MLA's
+    gathered projection rows, FastLlama's concatenated ones), keyed on version counters, which PyTorch's fused
+    AdamW does not bump: nanor1's optimizers must, or sampling runs on stale weights (it did, in the speedrun)."""
+    from nanor1.engine import ModelBackend
+    from nanor1.hf_llama import FastLlama
+    from test_hf_llama import _family
+    cfg = OptimConfig(lr=0.05, optimizer=optimizer)
+    x = torch.randint(1, 100, (2, 12))
+    model = Transformer(ModelConfig.preset("tiny")).init_weights(0)
+    opt = make_optimizer(model, cfg)
+    with torch.no_grad():
+        before = model(x).logits  # fills the inference caches
+    model(x, x).loss.backward()
+    opt.step()
+    with torch.no_grad():
+        cached = model(x).logits
+    fresh = model(x).logits.detach()  # with gradients on, nothing cached
+    assert (cached - before).abs().max() > 1e-2 and (cached - fresh).abs().max() < 1e-5
+
+    hf = _family("llama")
+    opt = make_optimizer(hf, cfg)
+    backend = ModelBackend(FastLlama(hf), n_slots=1)
+    prompt = x[0].tolist()
+    backend.prefill([prompt], [0])
+    hf(input_ids=x[:1], labels=x[:1]).loss.backward()
+    opt.step()
+    backend.release(0)
+    with torch.no_grad():
+        assert (backend.prefill([prompt], [0])[0] - hf(x[:1]).logits[0, -1]).abs().max() < 1e-4
+
+
 def test_accumulation_matches_one_big_batch(tmp_path):
     """batch 8 x accumulation 1 == batch 4 x accumulation 2 (same tokens, mean losses)."""
     a = _run(tmp_path / "a", 2, grad_accum=1)
