@@ -82,6 +82,7 @@ def test_fast_llama_decoding_on_the_device():
     """FastLlama's cached decode (nanor1.hf_llama) on the device against transformers' forward there, with
     sampling through the engine; the cache grows past a block."""
     from test_hf_llama import VOCAB, _family
+
     from nanor1.engine import ModelBackend
     from nanor1.hf_llama import FastLlama
     model = _family("llama").to(DEVICE)
@@ -94,3 +95,30 @@ def test_fast_llama_decoding_on_the_device():
             for _ in range(20):
                 ids.append(int(model(torch.tensor([ids], device=DEVICE)).logits[0, -1].argmax()))
         assert o.ids == ids[len(p):] and max(ids) < VOCAB
+
+
+def test_fast_llama_update_on_the_device():
+    """GRPO's update through FastLlama (nanor1.hf_llama.continuation_logits: SDPA with masks on GPUs) against
+    transformers' shared-prompt forward on the device: logits and gradients, float32 and bf16 autocast."""
+    from test_hf_llama import _family
+    from test_model import _shared_prompt_batch
+
+    from nanor1.hf_backend import shared_prompt_logits
+    from nanor1.hf_llama import FastLlama
+    model = _family("llama").to(DEVICE).train()
+    _, _, prompt_ids, lens, targets, real = (t.to(DEVICE) if torch.is_tensor(t) else t
+                                             for t in _shared_prompt_batch(model.config.vocab_size))
+    counted = torch.cat((torch.ones(len(real), 1, dtype=torch.bool, device=DEVICE), real[:, :-1]), dim=1)
+    for dtype, atol, grad_tol in ((torch.float32, 1e-4, 1e-3), (torch.bfloat16, 0.05, 0.1)):
+        results = []
+        forwards = (lambda *a: FastLlama(model).continuation_logits(*a), lambda *a: shared_prompt_logits(model, *a))
+        for forward in forwards:
+            with torch.autocast(DEVICE.type, torch.bfloat16, enabled=dtype == torch.bfloat16):
+                logits = forward(prompt_ids, lens, targets[:, :-1], real[:, :-1])
+            logp = torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0]
+            (logp * real).sum().backward()
+            results.append((logits.detach().float(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+            model.zero_grad(set_to_none=True)
+        (a, ga), (b, gb) = results
+        assert (a - b)[counted].abs().max() < atol, dtype
+        assert all((ga[n] - gb[n]).abs().max() <= grad_tol * gb[n].abs().max() for n in gb), dtype
