@@ -6,9 +6,9 @@ same weights with q|k|v and gate|up packed into one matmul each (on CPUs in bf16
 blocked format, `nanor1.common.pack_frozen`), over a per-slot KV cache that grows in blocks,
 behind the `prefill` / `decode` / `new_cache` interface of nanor1's own Transformer, so the engine's
 `ModelBackend` drives it with continuous batching. GRPO's update runs the same concatenated weights with
-gradients (`continuation_logits`): each prompt once, its group's completions attending to its keys, the concatenated
-weights cast once for both passes. That update's time is mostly its matmuls, so the gain there is small (bench/README.md,
-GRPO). Tests pin the logits and gradients to transformers' forward.
+gradients (`continuation_logits`): each prompt once, its group's completions attending to its keys, the
+concatenated weights cast once for both passes. That update's time is mostly its matmuls, so it gains less
+(bench/README.md, GRPO). Tests pin the logits and gradients to transformers' forward.
 """
 
 from __future__ import annotations

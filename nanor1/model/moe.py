@@ -25,7 +25,7 @@ DENSE_MAX_TOKENS = 8
 # buckets padded to the busiest expert's load; past it (prefill, training) an exact-size loop wastes less.
 GROUPED_MAX_TOKENS = 256
 # oneDNN builds a CPU bf16 matmul kernel per new shape (nanor1.common.SHAPE_MULTIPLE) and an expert's load
-# changes every step, so in the loop each expert's rows are padded with zeros to a multiple of this and shapes
+# changes every step, so on CPUs each expert's rows are padded with zeros to a multiple of this and shapes
 # recur (the speedrun preset's GRPO update went from ~0.9 to ~0.6 s per step; bench/README.md, Training).
 CPU_EXPERT_ROWS = 128
 
@@ -104,7 +104,8 @@ class MoE(nn.Module):
         return out
 
     def _sparse_experts(self, x, weights, idx) -> torch.Tensor:
-        """Tokens sorted by expert, one matmul chain per expert that has tokens (training, prefill)."""
+        """Tokens sorted by expert, each expert's matmul chain on its own rows (training, prefill): grouped
+        matmuls over padded blocks on CPUs in bf16, elsewhere a loop over the experts that have tokens."""
         E, flat_idx = self.n_experts, idx.flatten()
         order = flat_idx.argsort(stable=True)
         counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, flat_idx, torch.ones_like(flat_idx))
