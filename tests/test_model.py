@@ -147,6 +147,9 @@ def test_cpu_bf16_experts_run_as_grouped_matmuls():
     with mock.patch("torch.compiler.is_compiling", return_value=True):
         static, static_grads = run(x.bfloat16())
     assert torch.equal(static, out) and all(torch.equal(a, b) for a, b in zip(static_grads, grads))
+    odd = Transformer(ModelConfig.preset("tiny", moe_inter_dim=12)).init_weights(0).moe_layers()[0]
+    assert moe.cpu_grouped and not odd.cpu_grouped  # widths the kernel cannot take run as the loop
+    odd._sparse_experts(x.bfloat16(), *odd.gate(x)[:2])
 
 
 def test_training_forward_traces_without_graph_breaks():

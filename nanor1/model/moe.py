@@ -30,6 +30,22 @@ GROUPED_MAX_TOKENS = 256
 CPU_EXPERT_ROWS = 128
 
 
+def _cpu_grouped_mm() -> bool:
+    """Whether this PyTorch runs grouped bf16 matmuls on CPUs (2.13 does; older versions lack F.grouped_mm or its
+    CPU kernel, and their routed experts run as a loop). Decided once, at import: torch.compile reads a constant."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    try:
+        a = torch.ones(8, 8, dtype=torch.bfloat16)  # rows of 16 bytes, as the kernel requires
+        F.grouped_mm(a, torch.ones(1, 8, 8, dtype=torch.bfloat16), offs=torch.tensor([8], dtype=torch.int32))
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+CPU_GROUPED_MM = _cpu_grouped_mm()
+
+
 class Gate(nn.Module):
     """Router: (N, dim) tokens -> top-k expert ids and weights, in float32 as the reference does."""
 
@@ -73,6 +89,8 @@ class MoE(nn.Module):
         self.w_up = nn.Parameter(torch.empty(E, I, d))
         self.w_down = nn.Parameter(torch.empty(E, d, I))
         self.shared_experts = MLP(d, cfg.n_shared_experts * I) if cfg.n_shared_experts else None
+        # the CPU grouped-matmul kernel needs rows of whole 16-byte units (8 bf16 values)
+        self.cpu_grouped = CPU_GROUPED_MM and d % 8 == 0 and I % 8 == 0
         self.register_buffer("expert_load", torch.zeros(E), persistent=False)  # tokens routed, since last update
         self.aux_loss: torch.Tensor | None = None
         # (N,) True on the tokens of the next forward that count toward expert_load; None counts them all. Set by
@@ -112,7 +130,7 @@ class MoE(nn.Module):
         token_of = order // self.top_k
         rows = x.index_select(0, token_of)  # sorted by expert; index_select's backward is one index_add_
         dt = x.dtype
-        if x.device.type == "cpu" and dt == torch.bfloat16:
+        if x.device.type == "cpu" and dt == torch.bfloat16 and self.cpu_grouped:
             # each expert's rows at the start of a zero-padded block (CPU_EXPERT_ROWS), one grouped matmul per
             # projection. Under torch.compile the buffer's size depends only on the batch (the last expert's block
             # runs to its end, over zero rows), so the layer has no data-dependent shape and compiles whole.
