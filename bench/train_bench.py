@@ -5,8 +5,11 @@ per iteration; ours also applies the MoE bias update, as `nanor1.train.train_loo
 has no MTP module, so ours runs twice: as configured (with its MTP loss) and with n_mtp_layers=0 (like for
 like). --dense adds ours with every layer dense (no MoE). --compile adds ours under torch.compile (as
 `train_loop(compile=True)`; about two minutes of compilation each on 2 cores); transformers stays eager, as
-its Trainer is by default. Runs are interleaved so a busy CPU slows every side alike. Run:
+its Trainer is by default. --expert-loop adds ours (no MTP) with its routed experts run as a loop over experts
+instead of grouped matmuls. Runs are interleaved so a busy CPU slows every side alike. On a GPU (--device cuda)
+every step ends with a synchronize. Run:
     python bench/train_bench.py [--batch 64] [--seq 128] [--reps 10] [--warmup 5] [--threads N] [--compile] [--dense]
+                                [--expert-loop] [--preset speedrun] [--device cpu]
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="also time ours under torch.compile")
     p.add_argument("--dense", action="store_true",
                    help="also time ours with a dense feed-forward in every layer (no MoE), with and without MTP")
+    p.add_argument("--expert-loop", action="store_true",
+                   help="also time ours (no MTP) with its routed experts as a loop instead of grouped matmuls")
+    p.add_argument("--preset", default="speedrun", help="model preset (nanor1.model.config.PRESETS)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
 
@@ -47,28 +54,38 @@ def main() -> None:
     from nanor1.model import ModelConfig, Transformer
     from nanor1.train import OptimConfig, flops_per_token, make_optimizer
     start(args.threads)
-    dev, dtype = torch.device("cpu"), torch.bfloat16
-    peak, measured = peak_flops(dev, dtype), measure_matmul_flops(torch.bfloat16)
-    print(f"measured 2048x2048 matmul: bf16 {measured / 1e9:.0f} GFLOP/s, fp32 "
-          f"{measure_matmul_flops(torch.float32) / 1e9:.0f} GFLOP/s; MFU divides by nanor1.common.peak_flops = "
-          f"{peak / 1e9:.0f} GFLOP/s (bf16, measured the same way)")
+    dev, dtype = torch.device(args.device), torch.bfloat16
+    n = 2048 if dev.type == "cpu" else 8192
+    peak, measured = peak_flops(dev, dtype), measure_matmul_flops(dtype, n, device=dev)
+    print(f"measured {n}x{n} matmul: bf16 {measured / 1e9:.0f} GFLOP/s, fp32 "
+          f"{measure_matmul_flops(torch.float32, n, device=dev) / 1e9:.0f} GFLOP/s; MFU divides by "
+          f"nanor1.common.peak_flops = {peak / 1e9:.0f} GFLOP/s (bf16; on CPUs measured the same way, on GPUs the "
+          "data sheet's dense figure)")
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
 
     B, T = args.batch, args.seq
-    cfg = ModelConfig.preset("speedrun", max_seq_len=max(T + 1, 192))
-    tokens = torch.randint(10, cfg.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(0))
+    preset = ModelConfig.preset(args.preset)
+    cfg = ModelConfig.preset(args.preset, max_seq_len=max(T + 1, preset.max_seq_len))
+    tokens = torch.randint(10, cfg.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(0)).to(dev)
     x, y = tokens[:, :-1], tokens[:, 1:]  # (B, T) inputs and next-token targets
     optim = OptimConfig()
 
-    ours = {"ours (MTP)": Transformer(cfg).init_weights(0),
-            "ours (no MTP)": Transformer(ModelConfig.preset("speedrun", max_seq_len=cfg.max_seq_len,
-                                                            n_mtp_layers=0)).init_weights(0)}
+    def build(**overrides):
+        return Transformer(ModelConfig.preset(args.preset, max_seq_len=cfg.max_seq_len, **overrides)).init_weights(0)
+
+    ours = {"ours (MTP)": build(), "ours (no MTP)": build(n_mtp_layers=0)}
     if args.dense:  # what the MoE costs per step: the same preset with its MoE layers made dense
         for name, mtp in (("ours dense (MTP)", 1), ("ours dense (no MTP)", 0)):
-            ours[name] = Transformer(ModelConfig.preset("speedrun", max_seq_len=cfg.max_seq_len, n_mtp_layers=mtp,
-                                                        n_dense_layers=cfg.n_layers)).init_weights(0)
+            ours[name] = build(n_mtp_layers=mtp, n_dense_layers=cfg.n_layers)
+    if args.expert_loop:
+        ours["ours (no MTP, expert loop)"] = build(n_mtp_layers=0)
+        for moe in ours["ours (no MTP, expert loop)"].moe_layers():
+            moe.grouped = False
     with tempfile.TemporaryDirectory() as d:
         hf = export_hf(ours["ours (no MTP)"], Path(d))
-    hf.train()
+    hf.to(dev).train()
+    for m in ours.values():
+        m.to(dev)
     opts = {name: make_optimizer(m.train(), optim) for name, m in ours.items()}
     # fused, as transformers' Trainer defaults to (optim="adamw_torch_fused" with torch >= 2.8) and as ours is
     hf_opt = torch.optim.AdamW(hf.parameters(), lr=optim.lr, betas=(optim.beta1, optim.beta2),
@@ -76,7 +93,7 @@ def main() -> None:
 
     forwards = {name: m for name, m in ours.items()}
     if args.compile:
-        for name in list(ours):
+        for name in [n for n in ours if "expert loop" not in n]:  # the loop's per-expert sizes break graphs
             ours[name + " compiled"], opts[name + " compiled"] = ours[name], opts[name]
             forwards[name + " compiled"] = torch.compile(ours[name])
 
@@ -120,6 +137,7 @@ def main() -> None:
         for name, fn in runs.items():
             t0 = time.perf_counter()
             fn()
+            sync()
             times[name].append(time.perf_counter() - t0)
 
     results = {}

@@ -152,6 +152,8 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     number, not one per vocabulary entry as Gumbel-max would).
     """
     logits = logits.float()
+    # the settings come from Python lists, so on the CPU; the logits may be on a GPU
+    temperature, top_k, top_p = (t.to(logits.device) for t in (temperature, top_k, top_p))
     greedy = temperature <= 0
     scaled = logits / torch.where(greedy, 1.0, temperature).unsqueeze(1)
     logprobs = torch.log_softmax(scaled, dim=-1)

@@ -62,6 +62,13 @@ def test_shared_prompt_logits_and_gradients_on_the_device():
     check_shared_prompt_update(model, DEVICE, atol=1e-4, grad_rtol=1e-3, grad_atol=1e-5)
 
 
+def test_bf16_experts_run_as_grouped_matmuls_on_the_device():
+    """Training's routed experts as grouped matmuls over padded blocks on the device (F.grouped_mm), against the
+    float32 loop there, values and gradients."""
+    from test_model import check_grouped_experts
+    check_grouped_experts(DEVICE)
+
+
 def test_pretrain_then_grpo_on_the_device(tmp_path):
     from nanor1.config import load_config
     from nanor1.grpo import GRPOConfig, grpo

@@ -117,26 +117,26 @@ def test_expert_paths_agree_padded_loop_included():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_cpu_bf16_experts_run_as_grouped_matmuls():
-    """On CPUs in bf16 (training under autocast) the routed experts run as three grouped matmuls over zero-padded
-    blocks: the same as the float32 loop to bf16's rounding, values and gradients; and the static-size buffer
-    used under torch.compile (the last expert's block running to its end) gives exactly the eager result."""
+def check_grouped_experts(device: torch.device) -> None:
+    """In bf16 (training under autocast) the routed experts run as three grouped matmuls over zero-padded blocks:
+    the same as the float32 loop to bf16's rounding, values and gradients; and the static-size buffer used under
+    torch.compile (the last expert's block running to its end) gives exactly the eager result."""
     from unittest import mock
 
-    from nanor1.model.moe import CPU_EXPERT_ROWS
     torch.manual_seed(0)
     moe = Transformer(ModelConfig.preset("tiny", n_routed_experts=8, n_activated_experts=2)).init_weights(0)
-    moe = moe.moe_layers()[0]
-    x = torch.randn(300, moe.w_gate.shape[2])
+    moe = moe.moe_layers()[0].to(device)
+    x = torch.randn(300, moe.w_gate.shape[2], device=device)
     weights, idx, _ = moe.gate(x)
+    block = moe._grouped_rows(x.bfloat16())
     counts = torch.bincount(idx.flatten(), minlength=8)
-    assert (counts % CPU_EXPERT_ROWS != 0).any() and (counts > 0).sum() > 1
+    assert block and (counts % block != 0).any() and (counts > 0).sum() > 1
     params = [moe.w_gate, moe.w_up, moe.w_down]
 
     def run(inp):
         inp = inp.clone().requires_grad_()
         out = moe._sparse_experts(inp, weights, idx)
-        g = torch.linspace(-1, 1, out.numel()).view_as(out).to(out.dtype)
+        g = torch.linspace(-1, 1, out.numel(), device=device).view_as(out).to(out.dtype)
         return out, torch.autograd.grad(out, [inp] + params, g)
 
     ref, ref_grads = run(x)  # float32: the loop over experts
@@ -147,9 +147,13 @@ def test_cpu_bf16_experts_run_as_grouped_matmuls():
     with mock.patch("torch.compiler.is_compiling", return_value=True):
         static, static_grads = run(x.bfloat16())
     assert torch.equal(static, out) and all(torch.equal(a, b) for a, b in zip(static_grads, grads))
-    odd = Transformer(ModelConfig.preset("tiny", moe_inter_dim=12)).init_weights(0).moe_layers()[0]
-    assert moe.cpu_grouped and not odd.cpu_grouped  # widths the kernel cannot take run as the loop
+    odd = Transformer(ModelConfig.preset("tiny", moe_inter_dim=12)).init_weights(0).moe_layers()[0].to(device)
+    assert not odd._grouped_rows(x.bfloat16())  # widths the kernels cannot take run as the loop
     odd._sparse_experts(x.bfloat16(), *odd.gate(x)[:2])
+
+
+def test_cpu_bf16_experts_run_as_grouped_matmuls():
+    check_grouped_experts(torch.device("cpu"))
 
 
 def test_training_forward_traces_without_graph_breaks():

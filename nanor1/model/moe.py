@@ -24,9 +24,12 @@ DENSE_MAX_TOKENS = 8
 # Up to this many tokens (a decode step of a big batch), experts run as batched matmuls over per-expert
 # buckets padded to the busiest expert's load; past it (prefill, training) an exact-size loop wastes less.
 GROUPED_MAX_TOKENS = 256
-# oneDNN builds a CPU bf16 matmul kernel per new shape (nanor1.common.SHAPE_MULTIPLE) and an expert's load
-# changes every step, so on CPUs each expert's rows are padded with zeros to a multiple of this and shapes
-# recur (the speedrun preset's GRPO update went from ~0.9 to ~0.6 s per step; bench/README.md, Training).
+# Grouped matmuls (training and prefill in bf16) read each expert's rows in whole 16-byte units, and the backward
+# pass contracts over those rows, so every expert's block of rows is padded with zeros to a multiple of this.
+CUDA_EXPERT_ROWS = 16
+# On CPUs the blocks are larger: oneDNN builds a bf16 matmul kernel per new shape (nanor1.common.SHAPE_MULTIPLE)
+# and an expert's load changes every step, so padding makes shapes recur (the speedrun preset's GRPO update went
+# from ~0.9 to ~0.6 s per step; bench/README.md, Training).
 CPU_EXPERT_ROWS = 128
 
 
@@ -89,8 +92,8 @@ class MoE(nn.Module):
         self.w_up = nn.Parameter(torch.empty(E, I, d))
         self.w_down = nn.Parameter(torch.empty(E, d, I))
         self.shared_experts = MLP(d, cfg.n_shared_experts * I) if cfg.n_shared_experts else None
-        # the CPU grouped-matmul kernel needs rows of whole 16-byte units (8 bf16 values)
-        self.cpu_grouped = CPU_GROUPED_MM and d % 8 == 0 and I % 8 == 0
+        # grouped-matmul kernels need rows of whole 16-byte units (8 bf16 values)
+        self.grouped = d % 8 == 0 and I % 8 == 0
         self.register_buffer("expert_load", torch.zeros(E), persistent=False)  # tokens routed, since last update
         self.aux_loss: torch.Tensor | None = None
         # (N,) True on the tokens of the next forward that count toward expert_load; None counts them all. Set by
@@ -121,25 +124,37 @@ class MoE(nn.Module):
                     shape[0], shape[1], -1))
         return out
 
+    def _grouped_rows(self, x: torch.Tensor) -> int:
+        """Rows per expert block when the routed experts run as grouped matmuls on `x`, or 0 for the loop: bf16
+        with widths the kernels take, on CPUs where this PyTorch has the kernel (CPU_GROUPED_MM) and on CUDA where
+        it has F.grouped_mm (a CUTLASS kernel on Hopper and later; PyTorch loops on older GPUs)."""
+        if not self.grouped or x.dtype != torch.bfloat16:
+            return 0
+        if x.device.type == "cpu":
+            return CPU_EXPERT_ROWS if CPU_GROUPED_MM else 0
+        return CUDA_EXPERT_ROWS if x.device.type == "cuda" and hasattr(F, "grouped_mm") else 0
+
     def _sparse_experts(self, x, weights, idx) -> torch.Tensor:
         """Tokens sorted by expert, each expert's matmul chain on its own rows (training, prefill): grouped
-        matmuls over padded blocks on CPUs in bf16, elsewhere a loop over the experts that have tokens."""
+        matmuls over zero-padded blocks in bf16 where the kernels exist, else a loop over the experts that have
+        tokens."""
         E, flat_idx = self.n_experts, idx.flatten()
         order = flat_idx.argsort(stable=True)
         counts = torch.zeros(E, dtype=torch.long, device=x.device).scatter_add_(0, flat_idx, torch.ones_like(flat_idx))
         token_of = order // self.top_k
         rows = x.index_select(0, token_of)  # sorted by expert; index_select's backward is one index_add_
-        dt = x.dtype
-        if x.device.type == "cpu" and dt == torch.bfloat16 and self.cpu_grouped:
-            # each expert's rows at the start of a zero-padded block (CPU_EXPERT_ROWS), one grouped matmul per
-            # projection. Under torch.compile the buffer's size depends only on the batch (the last expert's block
-            # runs to its end, over zero rows), so the layer has no data-dependent shape and compiles whole.
-            sizes = round_up(counts, CPU_EXPERT_ROWS)
+        dt, block = x.dtype, self._grouped_rows(x)
+        if block:
+            # each expert's rows at the start of its block, one grouped matmul per projection. The buffer's size
+            # can depend on the batch alone (the last expert's block runs to its end, over zero rows): so under
+            # torch.compile the layer has no data-dependent shape and compiles whole, and on GPUs no step waits
+            # for the device to say how many rows there are. Eager CPU runs take the exact size.
+            sizes = round_up(counts, block)
             expert = flat_idx[order]
             rank = torch.arange(order.numel(), device=x.device) - (counts.cumsum(0) - counts)[expert]
             pos = (sizes.cumsum(0) - sizes)[expert] + rank
-            total = round_up(order.numel() + E * (CPU_EXPERT_ROWS - 1), CPU_EXPERT_ROWS) \
-                if torch.compiler.is_compiling() else int(sizes.sum())
+            total = round_up(order.numel() + E * (block - 1), block) \
+                if torch.compiler.is_compiling() or x.device.type != "cpu" else int(sizes.sum())
             padded = rows.new_zeros(total, rows.shape[1]).index_copy_(0, pos, rows)
             offs = torch.cat((sizes.cumsum(0)[:-1], sizes.new_full((1,), total))).to(torch.int32)
             w_gate, w_up, w_down = (w.to(dt).transpose(1, 2) for w in (self.w_gate, self.w_up, self.w_down))
