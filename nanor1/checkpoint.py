@@ -113,7 +113,7 @@ def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tens
     for pid, st in sd["state"].items():
         for k, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"opt.{pid}.{k}"] = v.detach().contiguous().clone()
+                tensors[f"opt.{pid}.{k}"] = v.detach().cpu().contiguous().clone()
             else:
                 scalars[f"{pid}.{k}"] = v
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
@@ -147,13 +147,14 @@ def save_train_state(folder: Path, optimizer=None, train_state: dict | None = No
 def save_checkpoint(folder: str | Path, model: Transformer, *, tokenizer=None, optimizer=None,
                     train_state: dict | None = None, kind: str = "checkpoint", run_config: Any = None,
                     parent: str | Path | None = None, seeds: dict | None = None, inputs: dict | None = None) -> Path:
-    """`inputs` names other artifacts the result was made from ({"data": folder}); their manifest hashes are
-    recorded beside the parent's, so lineage covers data as well as weights."""
-    """Write a complete checkpoint folder atomically and return its path."""
+    """Write a complete checkpoint folder atomically and return its path. The model stays where it is (copies
+    of its weights are written from the CPU). `inputs` names other artifacts the result was made from
+    ({"data": folder}); their manifest hashes are recorded beside the parent's, so lineage covers data as well
+    as weights."""
     final = Path(folder)
     tmp = _tmp_folder(final)
     try:
-        weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()
                    if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt", "nanor1": "1"})
         model.cfg.save(tmp / "model_config.json")

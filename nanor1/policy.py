@@ -86,7 +86,9 @@ class Policy:
 
     def save(self, folder: str | Path, **kwargs) -> Path:
         if self.kind == "nanor1":
-            return save_checkpoint(folder, self.model.float().cpu(), tokenizer=self.tokenizer, **kwargs)
+            # the live model, not a moved copy: GRPO keeps training it after each checkpoint (on a GPU, a model
+            # moved to the CPU here broke every later step)
+            return save_checkpoint(folder, self.model, tokenizer=self.tokenizer, **kwargs)
         from nanor1.hf_backend import save_hf_policy
         return save_hf_policy(folder, self.model, self.tokenizer, **kwargs)
 

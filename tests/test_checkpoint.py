@@ -98,3 +98,16 @@ def test_path_commands_refuse_settings_written_as_paths(argv, tmp_path, monkeypa
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "looks like a key=value setting" in err and f"nanor1 {argv[0]} --help" in err
     assert not list(tmp_path.iterdir())
+
+
+def test_saving_a_policy_leaves_the_live_model_as_it_was(tmp_path):
+    """GRPO checkpoints the policy it keeps training: the save must not move or cast that model (it once did
+    `.float().cpu()`, which on a GPU put the model on the CPU for every later step)."""
+    from nanor1.policy import Policy
+    model = Transformer(ModelConfig.preset("tiny")).init_weights(0).to(torch.bfloat16)
+    params = list(model.parameters())
+    Policy(model, None, "nanor1", tmp_path).save(tmp_path / "ckpt")
+    assert all(p is q and p.dtype == torch.bfloat16 for p, q in zip(model.parameters(), params))
+    loaded = load_model(tmp_path / "ckpt")
+    for (name, a), b in zip(loaded.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b.to(a.dtype)), name

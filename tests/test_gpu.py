@@ -81,8 +81,9 @@ def test_pretrain_then_grpo_on_the_device(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "base" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 4 and rows[-1]["loss"] == rows[-1]["loss"]  # logged, and not NaN
     final = grpo(GRPOConfig(model=str(base), out_dir=str(tmp_path / "grpo"), steps=2, prompts_per_step=2,
-                            group_size=4, max_new_tokens=16, micro_batch=4, progress=False, device=str(DEVICE)))
-    assert (final / "manifest.json").is_file()
+                            group_size=4, max_new_tokens=16, micro_batch=4, progress=False, device=str(DEVICE),
+                            ckpt_every=1))  # a checkpoint mid-run: the policy must stay on the device after it
+    assert (final / "manifest.json").is_file() and (tmp_path / "grpo" / "ckpt").is_dir()
 
 
 def test_fast_llama_decoding_on_the_device():
