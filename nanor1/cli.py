@@ -51,24 +51,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_paths_are_not_settings(args) -> None:
+def _check_paths_are_not_settings(args, extra: list[str]) -> None:
     """Commands that take paths (tokenizer, export, import, info, report) would otherwise read or write a
-    folder named like `vocab_size=1024` when a user writes them in the stage commands' key=value style."""
-    if hasattr(args, "overrides"):
-        return
-    for name, value in vars(args).items():
+    folder named like `vocab_size=1024` when a user writes them in the stage commands' key=value style; `extra`
+    holds the arguments the command did not take (a third `key=value` after two paths, say)."""
+    settings = [] if hasattr(args, "overrides") else list(vars(args).items()) + [("argument", a) for a in extra]
+    for name, value in settings:
         if isinstance(value, str) and re.match(r"\w+=", value) and not Path(value).exists():
             raise NanoR1Error(f"{name} {value!r} looks like a key=value setting, but `nanor1 {args.command}` takes "
                               f"paths and --options; see `nanor1 {args.command} --help`")
+    if extra:
+        raise NanoR1Error(f"unrecognized arguments: {' '.join(extra)}; see `nanor1 {args.command} --help`")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
     from nanor1.common import tune_cpu
     tune_cpu()
     try:
-        _check_paths_are_not_settings(args)
+        _check_paths_are_not_settings(args, extra)
         rc = args._run(args)
     except NanoR1Error as e:
         print(f"nanor1 {args.command}: error: {e}", file=sys.stderr)

@@ -135,7 +135,7 @@ def resolve_device(name: str | None = None) -> torch.device:
     except RuntimeError:
         raise NanoR1Error(f"unknown device {name!r}; use 'auto', 'cpu' or 'cuda[:N]'") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise NanoR1Error(f"device {name!r} asked for but CUDA is not available; use --device cpu")
+        raise NanoR1Error(f"device {name!r} asked for but CUDA is not available; use device=cpu (--device cpu for serve and chat)")
     return dev
 
 

@@ -88,7 +88,8 @@ def test_cli_prints_one_line_for_a_bad_checkpoint(ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("argv", [["tokenizer", "vocab_size=1024"], ["export", "model=ckpt", "out_dir=x"],
-                                  ["info", "model=ckpt"], ["report", "run_dir=runs/x"]])
+                                  ["info", "model=ckpt"], ["report", "run_dir=runs/x"],
+                                  ["export", "ckpt", "out", "format=hf"]])
 def test_path_commands_refuse_settings_written_as_paths(argv, tmp_path, monkeypatch, capsys):
     """`nanor1 tokenizer vocab_size=1024`, written like the stage commands, must neither train into a folder
     named "vocab_size=1024" nor say "model not found" about "model=ckpt"."""
