@@ -157,6 +157,7 @@ def _cfg(tmp_path, **kw):
 
 def test_evaluate_tiny_model_metrics_match_a_recount(tiny, tmp_path):
     """Real engine on a random tiny model: every number in results.json recounted from generations.jsonl."""
+    pytest.importorskip("reasoning_gym")  # a dependency; only a bare GPU image (bench/gpu_check.sh) lacks it
     model, tok = tiny
     cfg = _cfg(tmp_path)
     res = ev.evaluate(cfg, model, tok)
@@ -263,6 +264,7 @@ def test_greedy_evaluates_one_sample(tiny, tmp_path):
 def test_checkpoint_and_exported_hf_model_agree(tiny, tmp_path, seed):
     """Same weights three ways: a nanor1 checkpoint, its DeepSeek-V3 HF export loaded by `load_policy`, and
     the export run by transformers' own DeepseekV3ForCausalLM through the HF backend: same samples, same numbers."""
+    pytest.importorskip("reasoning_gym")  # a dependency; only a bare GPU image (bench/gpu_check.sh) lacks it
     import warnings
     from safetensors.torch import save_file
     from nanor1.checkpoint import save_checkpoint
