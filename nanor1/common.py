@@ -135,7 +135,8 @@ def resolve_device(name: str | None = None) -> torch.device:
     except RuntimeError:
         raise NanoR1Error(f"unknown device {name!r}; use 'auto', 'cpu' or 'cuda[:N]'") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise NanoR1Error(f"device {name!r} asked for but CUDA is not available; use device=cpu (--device cpu for serve and chat)")
+        raise NanoR1Error(f"device {name!r} asked for but CUDA is not available; use device=cpu (--device cpu for "
+                          "serve and chat)")
     return dev
 
 
@@ -161,7 +162,8 @@ GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "
 _CPU_PEAK: dict[torch.dtype, float] = {}
 
 
-def measure_matmul_flops(dtype: torch.dtype, n: int = 2048, reps: int = 3, device: str | torch.device = "cpu") -> float:
+def measure_matmul_flops(dtype: torch.dtype, n: int = 2048, reps: int = 3,
+                         device: str | torch.device = "cpu") -> float:
     """FLOP/s of an n x n matmul in `dtype` on `device` (best of `reps`): on a CPU, the peak MFU is reported
     against."""
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
