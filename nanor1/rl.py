@@ -201,7 +201,7 @@ def gather_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0,
     per_chunk = max(1, chunk_values // max(1, logits.shape[1] * logits.shape[2]))
     parts = []
     for z_part, t_part in zip(logits.split(per_chunk), tokens.split(per_chunk)):  # (n, T, V), (n, T, 1)
-        z = z_part.float() / temperature
+        z = z_part.float() if temperature == 1.0 else z_part.float() / temperature  # x / 1 == x: skip the pass
         parts.append(z.gather(-1, t_part).squeeze(-1) - torch.logsumexp(z, dim=-1))
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
