@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from nanor1.common import linear, pack_frozen, round_up, version_key
-from nanor1.model.mla import biased_attention_cpu, causal_attention_cpu
+from nanor1.model.mla import causal_attention_cpu, continuation_keep, masked_attention
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 _BLOCK = 16  # cache positions are added this many at a time
@@ -226,7 +226,7 @@ class FastLlama(torch.nn.Module):
                 x = self._finish(layer, x, o.transpose(1, 2).reshape(n, P, -1))
             else:  # past its keys and values, the last layer needs only each prompt's last position, which
                 # predicts the first completion token: that query alone attends and goes through the MLP
-                o = self._attend(q[rows, :, last][:, :, None], k, v, keep_prompt[:, None, None])
+                o = masked_attention(q[rows, :, last][:, :, None], k, v, self.scale, keep_prompt[:, None, None])
                 x = self._finish(layer, x[rows, last][:, None], o.transpose(1, 2).reshape(n, 1, -1))
         head = self.hf.lm_head.weight
         first = self._head(x[:, 0], head).repeat_interleave(g, 0)[:, None]
@@ -235,22 +235,14 @@ class FastLlama(torch.nn.Module):
         pos = prompt_lens.repeat_interleave(g, 0)[:, None] + torch.arange(T, device=inputs.device)
         cos, sin = self._rope_tables(probe, pos)
         x = self.hf.model.embed_tokens(inputs)
-        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-        keep = torch.cat((keep_prompt.repeat_interleave(g, 0)[:, None, :].expand(B, T, P),
-                          causal.expand(B, T, T)), dim=-1)[:, None]  # (B, 1, T, P + T)
+        keep = continuation_keep(keep_prompt, g, T)  # (B, 1, T, P + T)
         for layer, (pk, pv) in zip(layers, prefix):
             q, k, v = self._qkv(layer, x, cos, sin)
             k = self._expand_kv(torch.cat((pk.repeat_interleave(g, 0), k), dim=2))
             v = self._expand_kv(torch.cat((pv.repeat_interleave(g, 0), v), dim=2))
-            x = self._finish(layer, x, self._attend(q, k, v, keep).transpose(1, 2).reshape(B, T, -1))
+            o = masked_attention(q, k, v, self.scale, keep)
+            x = self._finish(layer, x, o.transpose(1, 2).reshape(B, T, -1))
         return torch.cat((first, self._head(x, head)), dim=1)
-
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """Attention of q (B, H, T, D) over k, v (B, H, S, D) where `keep` (broadcast to (B, 1, T, S)) is True."""
-        if q.device.type == "cpu":
-            bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~keep, float("-inf"))
-            return biased_attention_cpu(q, k, v, self.scale, bias)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=self.scale)
 
     def _expand_kv(self, kv: torch.Tensor) -> torch.Tensor:
         """(B, KV, S, D) -> (B, H, S, D): each kv head repeated for the query heads it serves."""

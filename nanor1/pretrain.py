@@ -154,4 +154,4 @@ def pretrain(cfg: PretrainConfig) -> Path:
                        seeds={"seed": cfg.seed})
     train_loop(model, batch, loop, cfg.optim, out_dir, device=device, dtype=dtype, stage=cfg.stage, eval_loss=val_loss,
                resume=cfg.resume, ckpt_kwargs=ckpt_kwargs, show_progress=cfg.progress, compile=cfg.compile)
-    return save_checkpoint(out_dir / "final", model.float().cpu(), **ckpt_kwargs)
+    return save_checkpoint(out_dir / "final", model, **ckpt_kwargs)  # written from a CPU copy

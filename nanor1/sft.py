@@ -81,4 +81,4 @@ def sft(cfg: SFTConfig, model=None, tokenizer=None) -> Path:
     train_loop(model, lambda step, micro: data.batch(step, micro, cfg.grad_accum), loop, cfg.optim, out_dir,
                device=device, dtype=dtype, stage=cfg.stage, resume=cfg.resume, ckpt_kwargs=ckpt_kwargs,
                show_progress=cfg.progress)
-    return save_checkpoint(out_dir / "final", model.float().cpu(), **ckpt_kwargs)
+    return save_checkpoint(out_dir / "final", model, **ckpt_kwargs)  # written from a CPU copy

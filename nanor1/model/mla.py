@@ -72,6 +72,25 @@ def biased_attention_cpu(q, k, v, scale: float, bias: torch.Tensor) -> torch.Ten
     return torch.bmm(torch.softmax(scores, dim=-1), v.reshape(B * H, S, -1)).view(B, H, T, -1)
 
 
+def masked_attention(q, k, v, scale: float, keep: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T * scale) v where `keep` (broadcast to (B, 1, T, S)) is True: the bias form above on CPUs,
+    SDPA with a boolean mask elsewhere."""
+    if q.device.type == "cpu":
+        bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~keep, float("-inf"))
+        return biased_attention_cpu(q, k, v, scale, bias)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=scale)
+
+
+def continuation_keep(prefix_keep: torch.Tensor, g: int, T: int) -> torch.Tensor:
+    """(B, 1, T, P + T) mask of what GRPO's continuations may attend to: each of the n prefixes' real positions
+    (prefix_keep (n, P), shared by its g = B // n continuations), then their own tokens causally."""
+    n, P = prefix_keep.shape
+    B = n * g
+    causal = torch.ones(T, T, dtype=torch.bool, device=prefix_keep.device).tril()
+    return torch.cat((prefix_keep.repeat_interleave(g, 0)[:, None, :].expand(B, T, P),
+                      causal.expand(B, T, T)), dim=-1)[:, None]
+
+
 class MLA(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -169,15 +188,8 @@ class MLA(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat((k_nope, k_rope.unsqueeze(2).expand(B, P + T, H, self.rope_dim)), dim=-1)
         q = torch.cat((q_nope, q_rope), dim=-1)
-        causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-        keep = torch.cat((prefix_keep.repeat_interleave(g, 0)[:, None, :].expand(B, T, P),
-                          causal.expand(B, T, T)), dim=-1)[:, None]  # (B, 1, T, P + T)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2).to(q.dtype), v.transpose(1, 2).to(q.dtype)
-        if q.device.type == "cpu":
-            bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~keep, float("-inf"))
-            out = biased_attention_cpu(q, k, v, self.scale, bias)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=self.scale)
+        out = masked_attention(q, k, v, self.scale, continuation_keep(prefix_keep, g, T))
         return self.o_proj(out.transpose(1, 2).reshape(B, T, H * self.v_dim))
 
     def prefill(self, x, cos, sin, cache_kv: torch.Tensor, slots) -> torch.Tensor:

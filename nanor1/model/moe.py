@@ -33,10 +33,13 @@ CUDA_EXPERT_ROWS = 16
 CPU_EXPERT_ROWS = 128
 
 
+HAS_GROUPED_MM = hasattr(F, "grouped_mm")  # PyTorch 2.10 and later
+
+
 def _cpu_grouped_mm() -> bool:
     """Whether this PyTorch runs grouped bf16 matmuls on CPUs (2.13 does; older versions lack F.grouped_mm or its
     CPU kernel, and their routed experts run as a loop). Decided once, at import: torch.compile reads a constant."""
-    if not hasattr(F, "grouped_mm"):
+    if not HAS_GROUPED_MM:
         return False
     try:
         a = torch.ones(8, 8, dtype=torch.bfloat16)  # rows of 16 bytes, as the kernel requires
@@ -132,7 +135,7 @@ class MoE(nn.Module):
             return 0
         if x.device.type == "cpu":
             return CPU_EXPERT_ROWS if CPU_GROUPED_MM else 0
-        return CUDA_EXPERT_ROWS if x.device.type == "cuda" and hasattr(F, "grouped_mm") else 0
+        return CUDA_EXPERT_ROWS if x.device.type == "cuda" and HAS_GROUPED_MM else 0
 
     def _sparse_experts(self, x, weights, idx) -> torch.Tensor:
         """Tokens sorted by expert, each expert's matmul chain on its own rows (training, prefill): grouped
