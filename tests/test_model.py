@@ -117,6 +117,20 @@ def test_expert_paths_agree_padded_loop_included():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_gather_rows_backward_equals_index_select_backward():
+    """GatherRows' gathered backward gives index_select's gradient: rows read twice sum, rows not read get zero."""
+    from nanor1.model.moe import GatherRows
+    torch.manual_seed(0)
+    src = torch.randn(6, 4, requires_grad=True)
+    index = torch.tensor([3, 0, 5, 3, 1, 0, 5, 1])  # each of rows 0, 1, 3, 5 read twice; rows 2 and 4 never
+    readers = torch.tensor([[1, 4, 8, 0, 8, 2], [5, 7, 8, 3, 8, 6]])  # 8 = len(index): no reader
+    out = GatherRows.apply(src, index, readers, True)
+    g = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, src, g)
+    (ref,) = torch.autograd.grad(src.index_select(0, index), src, g)
+    assert torch.equal(out, src[index]) and torch.allclose(grad, ref) and not grad[[2, 4]].any()
+
+
 def check_grouped_experts(device: torch.device) -> None:
     """In bf16 (training under autocast) the routed experts run as three grouped matmuls over zero-padded blocks:
     the same as the float32 loop to bf16's rounding, values and gradients; and the static-size buffer used under
