@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from nanor1.model import ModelConfig, Transformer
@@ -115,6 +116,28 @@ def test_expert_paths_agree_padded_loop_included():
     grads_dense = torch.autograd.grad(dense, [x, moe.w_gate, moe.w_up, moe.w_down], g)
     for a, b in zip(grads_sparse, grads_dense):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_cpu_causal_attention_in_query_blocks_equals_sdpa():
+    """Causal attention on CPUs, in one block or in query blocks against only the keys up to each block's end (a
+    last block shorter than the rest included), gives SDPA's outputs and gradients; compiled code uses blocks."""
+    from unittest import mock
+
+    from nanor1.model.mla import causal_attention_cpu, causal_block
+    torch.manual_seed(0)
+    q, k = (torch.randn(2, 3, 100, 12, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    v = torch.randn(2, 3, 100, 8, dtype=torch.float64, requires_grad=True)
+    g = torch.randn(2, 3, 100, 8, dtype=torch.float64)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    for block in (0, 32, 50, 99):
+        out = causal_attention_cpu(q, k, v, 0.3, block)
+        torch.testing.assert_close(out, ref)
+        for a, b in zip(torch.autograd.grad(out, (q, k, v), g), ref_grads):
+            torch.testing.assert_close(a, b)
+    assert causal_block(128) == 0 and causal_block(512) == 256
+    with mock.patch("torch.compiler.is_compiling", return_value=True):
+        assert causal_block(512) == 64 and causal_block(128) == 0
 
 
 def test_gather_rows_backward_equals_index_select_backward():

@@ -50,16 +50,34 @@ def _causal_attention(q, k, v, scale: float) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
 
 
-def causal_attention_cpu(q, k, v, scale: float) -> torch.Tensor:
+def causal_attention_cpu(q, k, v, scale: float, block: int | None = None) -> torch.Tensor:
     """The same attention as three batched matmuls, for CPUs: scale and causal mask fused into one baddbmm,
     softmax in the scores' dtype (PyTorch's CPU kernels accumulate bf16 in float32, so a float32 copy of the
     scores would only add two casts: ~1.8x slower forward plus backward, same error against float64).
     PyTorch's CPU SDPA falls back to its math path (v_dim != qk dim), which builds the mask and rescales in
     separate passes, and its flash kernel with v padded to the key width is slower still: this is 1.7x
-    faster in bf16 at the speedrun shapes, forward plus backward (bench/attention_bench.py)."""
+    faster in bf16 at the speedrun shapes, forward plus backward (bench/attention_bench.py).
+
+    Queries run in blocks of `block` rows (default: causal_block), each against the keys up to its last row only,
+    which skips most of the masked upper triangle; the kept scores, and so the outputs, are the same."""
     T = q.shape[2]
-    return biased_attention_cpu(q, k, v, scale,
-                                 torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1))
+    mask = torch.full((T, T), float("-inf"), dtype=q.dtype, device=q.device).triu_(1)
+    block = causal_block(T) if block is None else block
+    if not block or block >= T:
+        return biased_attention_cpu(q, k, v, scale, mask)
+    return torch.cat([biased_attention_cpu(q[:, :, s:s + block], k[:, :, :s + block], v[:, :, :s + block], scale,
+                                           mask[s:s + block, :s + block]) for s in range(0, T, block)], dim=2)
+
+
+def causal_block(T: int) -> int:
+    """Query rows per block of `causal_attention_cpu` over T positions (0: one block). n blocks do (n + 1) / 2n of
+    the work, but each adds slices and a concatenation, and their gradients' copies, which eager PyTorch runs as
+    separate passes and torch.compile fuses. From 256 positions on, eager code runs halves and compiled code 64-row
+    blocks: a speedrun-preset training step at 16 x 512 tokens took 1.11x (eager) and 1.23x (compiled) less time;
+    at 64 x 128 tokens blocks gained nothing in the whole step (bench/README.md, Attention)."""
+    if T < 256:
+        return 0
+    return 64 if torch.compiler.is_compiling() else -(-T // 2)
 
 
 def biased_attention_cpu(q, k, v, scale: float, bias: torch.Tensor) -> torch.Tensor:

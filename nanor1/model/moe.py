@@ -225,7 +225,8 @@ class MoE(nn.Module):
         buf = x.new_zeros(E, cap, x.shape[-1])
         buf[expert, pos] = x[token_of]
         dt = x.dtype
-        h = F.silu(torch.bmm(buf, self.w_gate.to(dt).transpose(1, 2))) * torch.bmm(buf, self.w_up.to(dt).transpose(1, 2))
+        h = F.silu(torch.bmm(buf, self.w_gate.to(dt).transpose(1, 2))) \
+            * torch.bmm(buf, self.w_up.to(dt).transpose(1, 2))
         y = torch.bmm(h, self.w_down.to(dt).transpose(1, 2))  # (E, cap, dim)
         ys = y[expert, pos] * weights.flatten()[order, None].to(dt)
         return torch.zeros_like(x).index_add_(0, token_of, ys)
