@@ -98,9 +98,11 @@ class GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         readers, = ctx.saved_tensors
-        if ctx.missing:
-            grad = torch.cat((grad, grad.new_zeros(1, grad.shape[1])))
-        parts = grad.index_select(0, readers.flatten()).view(*readers.shape, grad.shape[1]).unbind(0)
+        n, flat = grad.shape[0], readers.flatten()
+        picked = grad.index_select(0, flat.clamp(max=n - 1) if ctx.missing else flat)
+        if ctx.missing:  # a mask rather than a zero row appended to grad, which torch.compile's gather cannot vectorize
+            picked = picked * (flat < n).unsqueeze(1).to(grad.dtype)
+        parts = picked.view(*readers.shape, grad.shape[1]).unbind(0)
         out = parts[0]
         for part in parts[1:]:
             out = out + part
