@@ -84,10 +84,10 @@ class Gate(nn.Module):
 
 class GatherRows(torch.autograd.Function):
     """src.index_select(0, index) with a backward that gathers too. index_select's own backward adds each gradient
-    row into place (index_add_), which PyTorch runs serially on CPUs: ~0.85 ms for the 16384 x 192 bf16 rows of
-    a speedrun-preset MoE layer, against ~0.25 ms for a gather. The caller knows which output rows read each source
-    row: `readers` (c, len(src)), row i of src read by output rows readers[:, i]; with `missing`, the value
-    len(index) marks "no reader" (a zero gradient)."""
+    row into place (index_add_, a scatter): ~0.85 ms on this project's CPU for the 16384 x 192 bf16 rows of a
+    speedrun-preset MoE layer, against ~0.25 ms for a gather; under torch.compile, Inductor runs it as ATen's
+    scatter_add_. The caller knows which output rows read each source row: `readers` (c, len(src)), row i of src
+    read by output rows readers[:, i]; with `missing`, the value len(index) marks "no reader" (a zero gradient)."""
 
     @staticmethod
     def forward(ctx, src, index, readers, missing: bool):
