@@ -1,11 +1,12 @@
-"""Helpers shared by the bench scripts: what machine this is, a busy-CPU warning, the command line."""
+"""Helpers shared by the bench scripts: what machine this is, a busy-CPU warning, the command line, the
+nanor1 model as a transformers one, and sides timed in turns."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shlex
-import json
 import sys
 from pathlib import Path
 
@@ -38,6 +39,7 @@ def warn_if_shared() -> None:
 def command() -> str:
     env = " ".join(f"{k}={os.environ[k]}" for k in ("OMP_WAIT_POLICY",) if k in os.environ)
     return (env + " " if env else "") + "python " + " ".join(shlex.quote(a) for a in sys.argv)
+
 
 def export_hf(model, folder: Path):
     """The nanor1 model as a transformers DeepseekV3ForCausalLM (same weights, float32)."""
