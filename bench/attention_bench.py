@@ -64,10 +64,7 @@ def main() -> None:
               f"(output scale {float(o1.abs().max()):.2f})")
     times = take_turns({name: (lambda fn=fn: run(fn)) for name, fn in sides.items()}, args.reps)
     med = {name: statistics.median(ts) for name, ts in times.items()}
-    if args.compile:
-        with unittest.mock.patch("torch.compiler.is_compiling", return_value=True):
-            block = causal_block(T)
-    else:
+    with unittest.mock.patch("torch.compiler.is_compiling", return_value=args.compile):  # the blocks its sides used
         block = causal_block(T)
     print(f"{'compiled' if args.compile else 'eager'}; blocks of {block or T} query rows")
     for name, m in med.items():

@@ -155,7 +155,7 @@ def test_gather_rows_backward_equals_index_select_backward():
 
 
 def check_grouped_experts(device: torch.device) -> None:
-    """In bf16 (training under autocast) the routed experts run as three grouped matmuls over zero-padded blocks:
+    """In bf16 (training under autocast) the routed experts run as three grouped matmuls over padded blocks:
     the same as the float32 loop to bf16's rounding, values and gradients; and the static-size buffer used under
     torch.compile (the last expert's block running to its end) gives exactly the eager result."""
     from unittest import mock

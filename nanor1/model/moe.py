@@ -25,7 +25,7 @@ DENSE_MAX_TOKENS = 8
 # buckets padded to the busiest expert's load; past it (prefill, training) an exact-size loop wastes less.
 GROUPED_MAX_TOKENS = 256
 # Grouped matmuls (training and prefill in bf16) read each expert's rows in whole 16-byte units, and the backward
-# pass contracts over those rows, so every expert's block of rows is padded with zeros to a multiple of this.
+# pass contracts over those rows, so every expert's block of rows is padded to a multiple of this.
 CUDA_EXPERT_ROWS = 16
 # On CPUs the blocks are larger: oneDNN builds a bf16 matmul kernel per new shape (nanor1.common.SHAPE_MULTIPLE)
 # and an expert's load changes every step, so padding makes shapes recur (the speedrun preset's GRPO update went
@@ -99,9 +99,10 @@ class GatherRows(torch.autograd.Function):
     def backward(ctx, grad):
         readers, = ctx.saved_tensors
         n, flat = grad.shape[0], readers.flatten()
-        picked = grad.index_select(0, flat.clamp(max=n - 1) if ctx.missing else flat)
         if ctx.missing:  # a mask rather than a zero row appended to grad, which torch.compile's gather cannot vectorize
-            picked = picked * (flat < n).unsqueeze(1).to(grad.dtype)
+            picked = grad.index_select(0, flat.clamp(max=n - 1)) * (flat < n).unsqueeze(1).to(grad.dtype)
+        else:
+            picked = grad.index_select(0, flat)
         parts = picked.view(*readers.shape, grad.shape[1]).unbind(0)
         out = parts[0]
         for part in parts[1:]:
@@ -166,7 +167,7 @@ class MoE(nn.Module):
 
     def _sparse_experts(self, x, weights, idx) -> torch.Tensor:
         """Tokens sorted by expert, each expert's matmul chain on its own rows (training, prefill): grouped
-        matmuls over zero-padded blocks in bf16 where the kernels exist, else a loop over the experts that have
+        matmuls over padded blocks in bf16 where the kernels exist, else a loop over the experts that have
         tokens. Rows move to and from the expert-major buffer by gathers both ways (GatherRows)."""
         N, E, k = x.shape[0], self.n_experts, self.top_k
         flat_idx = idx.flatten()  # entry j is token j // k's choice j % k
