@@ -5,7 +5,7 @@ per step (EOS suppressed), temperature 1, beta=0 (no reference model), one polic
 nanor1 accuracy + format reward, bf16 autocast for training; sampling in bf16 (ours from a bf16 copy of the
 policy, TRL under accelerate's autocast). Everything is local (HF_HUB_OFFLINE). The sides
 take turns, a few steps each per round, so a busy CPU slows both alike. Run:
-    python bench/grpo_bench.py [--rounds 2] [--steps 3] [--warmup 2] [--threads N]
+    python bench/grpo_bench.py [--rounds 2] [--steps 3] [--warmup 2] [--threads N] [--compile]
 """
 
 from __future__ import annotations
@@ -62,8 +62,8 @@ class NoStop:
         return getattr(self._tok, name)
 
 
-def run_ours(folder: Path, out: Path, steps: int, seed: int,
-             rollout_dtype: str) -> tuple[list[float], list[float], list[dict]]:
+def run_ours(folder: Path, out: Path, steps: int, seed: int, rollout_dtype: str,
+             compile: bool) -> tuple[list[float], list[float], list[dict]]:
     """`steps` GRPO steps; returns the seconds of steps 2.. (step 1 is the warm-up), mean lengths, and the
     rollout / policy-update seconds of those steps."""
     from nanor1.common import read_jsonl
@@ -74,12 +74,15 @@ def run_ours(folder: Path, out: Path, steps: int, seed: int,
     cfg = GRPOConfig(model=str(folder), out_dir=str(out), task="chain_sum", steps=steps,
                      prompts_per_step=PROMPTS_PER_STEP, group_size=G, max_new_tokens=NEW_TOKENS, temperature=1.0,
                      mu=1, micro_batch=PROMPTS_PER_STEP * G, device="cpu", dtype="bfloat16", seed=seed,
-                     rollout_dtype=rollout_dtype, progress=False, ckpt_every=10 ** 6, sample_every=10 ** 6)
+                     rollout_dtype=rollout_dtype, compile=compile, progress=False, ckpt_every=10 ** 6,
+                     sample_every=10 ** 6)
     cfg.optim.lr = LR
     grpo(cfg, policy=policy)
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if "step" in r]
     ends = [r["time"] for r in rows]
     split = [{"rollout_s": r["rollout_s"], "train_s": r["train_s"]} for r in rows[1:]]
+    if compile:
+        print(f"ours' first policy update (compiling): {rows[0]['train_s']:.1f} s")
     return [b - a for a, b in zip(ends, ends[1:])], [r["response_len"] for r in rows], split
 
 
@@ -137,6 +140,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--rollout-dtype", default="bfloat16",
                    help="ours: GRPOConfig.rollout_dtype (TRL samples under accelerate's bf16 autocast)")
+    p.add_argument("--compile", action="store_true",
+                   help="ours: GRPOConfig.compile (the update under torch.compile; it compiles in the first, "
+                        "untimed step of each turn). TRL stays eager, as its default")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
 
@@ -175,7 +181,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 n, skip = args.steps + args.warmup, args.warmup - 1  # the first step has no duration already
                 if side == "ours":
-                    ts, ls, sp = run_ours(folder, out, n, seed=r, rollout_dtype=args.rollout_dtype)
+                    ts, ls, sp = run_ours(folder, out, n, r, args.rollout_dtype, args.compile)
                     split += sp[skip:]
                 else:
                     ts, ls, trl_autocast = run_trl(folder, out, n, r, task)

@@ -157,6 +157,15 @@ def autocast(device: torch.device, dtype: torch.dtype):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+@functools.cache
+def compiled(fn):
+    """`fn` under torch.compile, wrapped once per function. Dynamo keys its graphs on the code and guards them on
+    the arguments' shapes and the modules passed in, so every caller shares them. With its default (automatic
+    dynamic shapes), the first time a dimension's size changes it recompiles with that dimension symbolic; later
+    sizes of it reuse that graph."""
+    return torch.compile(fn)
+
+
 # Dense tensor-core peaks of common GPUs (bf16), for MFU on CUDA.
 GPU_PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "4090": 165e12}
 _CPU_PEAK: dict[torch.dtype, float] = {}

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nanor1.common import linear, pack_frozen, round_up, version_key
+from nanor1.common import compiled, linear, pack_frozen, round_up, version_key
 from nanor1.model.mla import causal_attention_cpu, continuation_keep, masked_attention
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
@@ -197,31 +197,41 @@ class FastLlama(torch.nn.Module):
         return self._head(x[:, 0]).float()
 
     def continuation_logits(self, prompts: torch.Tensor, prompt_lens: torch.Tensor, inputs: torch.Tensor,
-                            attention: torch.Tensor) -> torch.Tensor:
+                            attention: torch.Tensor, compile: bool = False) -> torch.Tensor:
         """The GRPO update's forward, with gradients: `Policy.continuation_logits` (each of n right-padded prompts
         (n, P) run once, its G = B // n continuations (B, T) attending to its keys), on the model's own
         parameters. Returns (B, T + 1, V) logits, as `nanor1.hf_backend.shared_prompt_logits` does with
-        transformers' forward."""
+        transformers' forward. `compile`: run the tensor work under torch.compile (see `compiled`)."""
+        P, T = prompts.shape[1], inputs.shape[1]
+        dev = prompts.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else \
+            self.hf.model.embed_tokens.weight.dtype
+        # the rotation in the dtype q and k come out of their projection in; the tables are looked up here, as
+        # their size depends on the positions' values, which a compiled graph cannot branch on
+        probe = prompts.new_empty(0, dtype=dt)
+        rope = self._rope_tables(probe, torch.arange(P, device=prompts.device)[None])
+        pos = prompt_lens.repeat_interleave(inputs.shape[0] // prompts.shape[0], 0)[:, None] + \
+            torch.arange(T, device=inputs.device)
+        rope_continuation = self._rope_tables(probe, pos) if T else None
+        forward = compiled(FastLlama._continuation) if compile else FastLlama._continuation
+        return forward(self, prompts, prompt_lens, inputs, rope, rope_continuation, dt)
+
+    def _continuation(self, prompts, prompt_lens, inputs, rope, rope_continuation, dt) -> torch.Tensor:
         n, P = prompts.shape
         B, T = inputs.shape
         g = B // n
         x = self.hf.model.embed_tokens(prompts)
-        dev = x.device.type
-        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-        # the concatenated weights cast once for both passes (autocast would cast them at each use), and the
-        # rotation in that dtype too, as q and k come out of their projection
+        # the concatenated weights cast once for both passes (autocast would cast them at each use)
         layers = _gather(self.hf, lambda w: w.to(dt))
-        probe = x.new_empty(0, dtype=dt)
-        cos, sin = self._rope_tables(probe, torch.arange(P, device=x.device)[None])
         rows, last = torch.arange(n, device=x.device), prompt_lens - 1
         keep_prompt = torch.arange(P, device=x.device)[None, :] < prompt_lens[:, None]  # (n, P)
         prefix = []
         for i, layer in enumerate(layers):
-            q, k, v = self._qkv(layer, x, cos, sin)
+            q, k, v = self._qkv(layer, x, *rope)
             prefix.append((k, v))
             k, v = self._expand_kv(k), self._expand_kv(v)
             if i < len(layers) - 1:
-                o = causal_attention_cpu(q, k, v, self.scale) if dev == "cpu" else \
+                o = causal_attention_cpu(q, k, v, self.scale) if x.device.type == "cpu" else \
                     F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
                 x = self._finish(layer, x, o.transpose(1, 2).reshape(n, P, -1))
             else:  # past its keys and values, the last layer needs only each prompt's last position, which
@@ -232,12 +242,10 @@ class FastLlama(torch.nn.Module):
         first = self._head(x[:, 0], head).repeat_interleave(g, 0)[:, None]
         if T == 0:
             return first
-        pos = prompt_lens.repeat_interleave(g, 0)[:, None] + torch.arange(T, device=inputs.device)
-        cos, sin = self._rope_tables(probe, pos)
         x = self.hf.model.embed_tokens(inputs)
         keep = continuation_keep(keep_prompt, g, T)  # (B, 1, T, P + T)
         for layer, (pk, pv) in zip(layers, prefix):
-            q, k, v = self._qkv(layer, x, cos, sin)
+            q, k, v = self._qkv(layer, x, *rope_continuation)
             k = self._expand_kv(torch.cat((pk.repeat_interleave(g, 0), k), dim=2))
             v = self._expand_kv(torch.cat((pv.repeat_interleave(g, 0), v), dim=2))
             o = masked_attention(q, k, v, self.scale, keep)
@@ -312,7 +320,8 @@ def _norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The family's RMSNorm (weight * x / rms(x), eps inside the root): nanor1's training one (a shorter
     backward) where gradients flow, else the family's own ops. PyTorch's CPU `rms_norm` is a composite with more
     casts: at decode sizes its launches cost 11% of a GRPO bench rollout, the family's ops about half that."""
-    if torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad):
+    if torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad) and \
+            not torch.compiler.is_compiling():  # compiled, Inductor fuses the ops below, forward and backward
         return rms_norm_train(x, norm.weight, norm.variance_epsilon)
     xf = x.float()
     return norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)).to(x.dtype)

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from nanor1.checkpoint import is_checkpoint, latest_checkpoint, load_model, save_checkpoint
-from nanor1.common import NanoR1Error
+from nanor1.common import NanoR1Error, compiled
 from nanor1.engine import Engine
 
 
@@ -61,14 +61,17 @@ class Policy:
         return self.model(input_ids=idx, attention_mask=attention_mask).logits
 
     def continuation_logits(self, prompts: torch.Tensor, prompt_lens: torch.Tensor, inputs: torch.Tensor,
-                            attention: torch.Tensor) -> torch.Tensor:
+                            attention: torch.Tensor, compile: bool = False) -> torch.Tensor:
         """(B, T + 1, V) logits for G = B // n right-padded continuations (B, T) of each of n right-padded prompts
-        (n, P), each prompt run once; attention: (B, T) True on real continuation tokens."""
+        (n, P), each prompt run once; attention: (B, T) True on real continuation tokens. `compile`: under
+        torch.compile (nanor1 models and Llama-family ones; other architectures run transformers' forward)."""
         if self.kind == "nanor1":
-            return self.model.forward_shared_prompts(prompts, prompt_lens, inputs, attention)
+            from nanor1.model import Transformer
+            forward = compiled(Transformer.forward_shared_prompts) if compile else Transformer.forward_shared_prompts
+            return forward(self.model, prompts, prompt_lens, inputs, attention)
         from nanor1.hf_llama import FastLlama, supports
         if supports(self.model, prompts.shape[1] + inputs.shape[1], training=self.model.training):
-            return FastLlama(self.model).continuation_logits(prompts, prompt_lens, inputs, attention)
+            return FastLlama(self.model).continuation_logits(prompts, prompt_lens, inputs, attention, compile)
         from nanor1.hf_backend import shared_prompt_logits
         return shared_prompt_logits(self.model, prompts, prompt_lens, inputs, attention)
 

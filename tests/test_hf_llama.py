@@ -146,36 +146,50 @@ def test_only_what_it_reproduces_is_accepted():
     assert not supports(GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2)), 160)
 
 
+def _update_logits_and_grads(model, forward, dtype):
+    """`forward(model, prompts, prompt_lens, inputs, attention)` on a shared-prompt batch: the logits (float32),
+    the mask of those that count (position 0 and real tokens), and the gradients of the real tokens' log-probs."""
+    from test_model import _shared_prompt_batch
+    _, _, prompt_ids, lens, targets, real = _shared_prompt_batch(VOCAB)
+    with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
+        logits = forward(model, prompt_ids, lens, targets[:, :-1], real[:, :-1])
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0]
+    (logp * real).sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    counted = torch.cat((torch.ones(len(real), 1, dtype=torch.bool), real[:, :-1]), dim=1)
+    return logits.detach().float(), counted, grads
+
+
+def _assert_same_update(model, ours, reference, cases):
+    for dtype, atol, grad_tol in cases:
+        a, counted, ga = _update_logits_and_grads(model, ours, dtype)
+        b, _, gb = _update_logits_and_grads(model, reference, dtype)
+        assert (a - b)[counted].abs().max() < atol, dtype
+        for n in gb:
+            assert (ga[n] - gb[n]).abs().max() <= grad_tol * gb[n].abs().max(), (dtype, n)
+
+
 @pytest.mark.parametrize("name,rope", [(f, None) for f in FAMILIES] + [("llama", r) for r in ROPE])
 def test_update_forward_gives_transformers_logits_and_gradients(name, rope):
     """GRPO's update forward (each prompt once, its group's completions attending to it) against transformers'
     own shared-prompt forward: the logits of the real positions, and the gradients of their log-probs; in float32
     to 1e-5, under bf16 autocast to bf16's rounding."""
-    from test_model import _shared_prompt_batch
-
     from nanor1.hf_backend import shared_prompt_logits
     model = _family(name, **({"rope_parameters": ROPE[rope]} if rope else {})).train()
-    _, _, prompt_ids, lens, targets, real = _shared_prompt_batch(VOCAB)
-    inputs, attention = targets[:, :-1], real[:, :-1]
-    counted = torch.cat((torch.ones(len(real), 1, dtype=torch.bool), attention), dim=1)  # position 0 and real ones
+    _assert_same_update(model, lambda m, *a: FastLlama(m).continuation_logits(*a), shared_prompt_logits,
+                        [(torch.float32, 1e-5, 1e-4), (torch.bfloat16, 0.05, 0.1)])
 
-    def run(forward, dtype):
-        with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
-            logits = forward(model, prompt_ids, lens, inputs, attention)
-        logp = torch.log_softmax(logits.float(), -1).gather(-1, targets[..., None])[..., 0]
-        (logp * real).sum().backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        model.zero_grad(set_to_none=True)
-        return logits.detach().float(), grads
 
-    ours = lambda m, *a: FastLlama(m).continuation_logits(*a)
-    for dtype, atol, grad_tol in ((torch.float32, 1e-5, 1e-4), (torch.bfloat16, 0.05, 0.1)):
-        a, ga = run(ours, dtype)
-        b, gb = run(shared_prompt_logits, dtype)
-        assert (a - b)[counted].abs().max() < atol, (name, dtype)
-        for n in gb:
-            scale = gb[n].abs().max()
-            assert (ga[n] - gb[n]).abs().max() <= grad_tol * scale, (name, dtype, n)
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["llama", "qwen3"])  # qwen3 also normalises q and k
+def test_compiled_update_forward_gives_eager_logits_and_gradients(name):
+    """GRPOConfig.compile: the update's forward under torch.compile (where the norms are Inductor's, not the
+    training RMSNorm's Function) gives eager's logits and gradients, to float32 and bf16 rounding."""
+    model = _family(name).train()
+    _assert_same_update(model, lambda m, *a: FastLlama(m).continuation_logits(*a, compile=True),
+                        lambda m, *a: FastLlama(m).continuation_logits(*a),
+                        [(torch.float32, 1e-5, 1e-4), (torch.bfloat16, 0.05, 0.1)])
 
 
 def test_policy_updates_through_fastllama_unless_attention_has_dropout():

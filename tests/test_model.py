@@ -226,6 +226,39 @@ def test_compiled_training_step_matches_eager():
         torch.testing.assert_close(grads[name], g, rtol=0.05, atol=0.05 * float(g.abs().max()) + 1e-3, msg=name)
 
 
+@pytest.mark.slow
+def test_compiled_shared_prompt_forward_matches_eager():
+    """GRPOConfig.compile for a nanor1 policy: Policy.continuation_logits under torch.compile gives eager's logits,
+    gradients and MoE expert loads (counted on real tokens only), for two batch shapes (the second recompiles
+    with dynamic sizes). ~2-3 min of compilation on 2 cores."""
+    from nanor1.policy import Policy
+    model = Transformer(ModelConfig.preset("tiny")).init_weights(0).train()
+    policy = Policy(model, None, "nanor1", None)
+    _, _, prompt_ids, lens, targets, real = _shared_prompt_batch(model.cfg.vocab_size)
+
+    def run(compile, G):
+        model.zero_grad(set_to_none=True)
+        for moe in model.moe_layers():
+            moe.expert_load.zero_()
+        n = len(lens)
+        rows = (torch.arange(n)[:, None] * 3 + torch.arange(G)).flatten()  # the first G of each prompt's 3
+        logits = policy.continuation_logits(prompt_ids, lens, targets[rows, :-1], real[rows, :-1], compile=compile)
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, targets[rows, :, None])[..., 0]
+        (logp * real[rows]).sum().backward()
+        return logits.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}, \
+            [moe.expert_load.clone() for moe in model.moe_layers()]
+
+    for G in (3, 2):
+        ref, ref_grads, ref_loads = run(False, G)
+        out, grads, loads = run(True, G)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        assert grads.keys() == ref_grads.keys()
+        for name, g in ref_grads.items():
+            torch.testing.assert_close(grads[name], g, rtol=1e-3, atol=1e-3 * float(g.abs().max()) + 1e-6, msg=name)
+        for a, b in zip(loads, ref_loads):
+            assert torch.equal(a, b)
+
+
 def test_sequence_balance_loss_formula():
     cfg = ModelConfig.preset("tiny", seq_aux_loss_alpha=0.01)
     model = Transformer(cfg).init_weights(0).train()
