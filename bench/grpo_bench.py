@@ -4,7 +4,8 @@ Both sides: chain_sum problems in the R1-Zero template, 8 prompts x G=8 = 64 com
 per step (EOS suppressed), temperature 1, beta=0 (no reference model), one policy update per batch, the same
 nanor1 accuracy + format reward, bf16 autocast for training; sampling in bf16 (ours from a bf16 copy of the
 policy, TRL under accelerate's autocast). Everything is local (HF_HUB_OFFLINE). The sides
-take turns, a few steps each per round, so a busy CPU slows both alike. Run:
+take turns, a few steps each per round, so a busy CPU slows both alike. --compile adds a third side: ours with
+the update under torch.compile (GRPOConfig.compile); TRL stays eager, as is its default. Run:
     python bench/grpo_bench.py [--rounds 2] [--steps 3] [--warmup 2] [--threads N] [--compile]
 """
 
@@ -141,8 +142,8 @@ def main() -> None:
     p.add_argument("--rollout-dtype", default="bfloat16",
                    help="ours: GRPOConfig.rollout_dtype (TRL samples under accelerate's bf16 autocast)")
     p.add_argument("--compile", action="store_true",
-                   help="ours: GRPOConfig.compile (the update under torch.compile; it compiles in the first, "
-                        "untimed step of each turn). TRL stays eager, as its default")
+                   help="also run ours with GRPOConfig.compile (the update under torch.compile; it compiles in its "
+                        "first, untimed step). TRL stays eager, as its default")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
 
@@ -161,9 +162,6 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renamed-argument notices
     start(0)  # threads were set above, before transformers was configured
     task = get_task("chain_sum")
-    times: dict[str, list[float]] = {"ours": [], "trl": []}
-    split: list[dict] = []
-    lengths: dict[str, list[float]] = {"ours": [], "trl": []}
     with tempfile.TemporaryDirectory() as d:
         folder = Path(d) / "llama"
         make_model(folder, task)
@@ -175,35 +173,42 @@ def main() -> None:
         assert hf_ids == encode_prompt(tok, q), "TRL's prompt ids differ from ours"
         print(f"model: Llama 256 x 4 layers, vocab {tok.vocab_size}, prompt {len(hf_ids)} tokens; "
               f"{PROMPTS_PER_STEP} prompts x G={G}, {NEW_TOKENS} new tokens")
+        sides = ("ours", "trl") + (("ours compiled",) if args.compile else ())
+        times: dict[str, list[float]] = {side: [] for side in sides}
+        lengths: dict[str, list[float]] = {side: [] for side in sides}
+        split: dict[str, list[dict]] = {side: [] for side in sides if side != "trl"}
         for r in range(args.rounds):
-            for side in ("ours", "trl"):
-                out = Path(d) / f"{side}{r}"
+            for side in sides:
+                out = Path(d) / f"{side}{r}".replace(" ", "_")
                 t0 = time.perf_counter()
                 n, skip = args.steps + args.warmup, args.warmup - 1  # the first step has no duration already
-                if side == "ours":
-                    ts, ls, sp = run_ours(folder, out, n, r, args.rollout_dtype, args.compile)
-                    split += sp[skip:]
-                else:
+                if side == "trl":
                     ts, ls, trl_autocast = run_trl(folder, out, n, r, task)
                     print(f"TRL's model forward runs under bf16 autocast (sampling included): {trl_autocast}")
+                else:
+                    ts, ls, sp = run_ours(folder, out, n, r, args.rollout_dtype, side == "ours compiled")
+                    split[side] += sp[skip:]
                 ts = ts[skip:]
                 times[side] += ts
                 lengths[side] += ls
-                print(f"round {r + 1} {side:>4}: steps {[round(t, 2) for t in ts]} s (whole turn with loading and "
+                print(f"round {r + 1} {side:>13}: steps {[round(t, 2) for t in ts]} s (whole turn with loading and "
                       f"warm-up {time.perf_counter() - t0:.1f} s)", flush=True)
     med = {k: statistics.median(v) for k, v in times.items()}
     mean_len = {k: statistics.mean(v) for k, v in lengths.items()}
     for k in times:
-        print(f"{k:>5}: median {med[k]:.2f} s/step over {len(times[k])} steps, mean completion length "
+        print(f"{k:>13}: median {med[k]:.2f} s/step over {len(times[k])} steps, mean completion length "
               f"{mean_len[k]:.1f} tokens")
-    print(f"ours samples in {args.rollout_dtype}; median rollout {statistics.median(x['rollout_s'] for x in split):.2f} s + policy update "
-          f"{statistics.median(x['train_s'] for x in split):.2f} s per step")
-    print(f"ours is {med['trl'] / med['ours']:.2f}x faster than TRL per GRPO step")
+    for k, rows in split.items():
+        print(f"{k} samples in {args.rollout_dtype}; median rollout "
+              f"{statistics.median(x['rollout_s'] for x in rows):.2f} s + policy update "
+              f"{statistics.median(x['train_s'] for x in rows):.2f} s per step")
+    for k in split:
+        print(f"{k} is {med['trl'] / med[k]:.2f}x faster than TRL per GRPO step")
     print("load average after:", ", ".join(f"{x:.2f}" for x in os.getloadavg()))
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "command": command(), "seconds": times,
                                                "median_s": med, "mean_length": mean_len,
-                                               "speedup": med["trl"] / med["ours"]}, indent=2))
+                                               "speedup": {k: med["trl"] / med[k] for k in split}}, indent=2))
 
 
 if __name__ == "__main__":

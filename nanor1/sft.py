@@ -40,6 +40,7 @@ class SFTConfig:
     dtype: str = "bfloat16"
     resume: bool = False
     progress: bool = True
+    compile: bool = False  # torch.compile the model, as pretraining's compile does (see nanor1.train.train_loop)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     stage: str = "sft"  # the name in logs and manifests (the speedrun uses sft-cold, sft-rs, distill)
 
@@ -80,5 +81,5 @@ def sft(cfg: SFTConfig, model=None, tokenizer=None) -> Path:
                        inputs={"data": data_dir} if data_dir and (data_dir / "manifest.json").is_file() else None)
     train_loop(model, lambda step, micro: data.batch(step, micro, cfg.grad_accum), loop, cfg.optim, out_dir,
                device=device, dtype=dtype, stage=cfg.stage, resume=cfg.resume, ckpt_kwargs=ckpt_kwargs,
-               show_progress=cfg.progress)
+               show_progress=cfg.progress, compile=cfg.compile)
     return save_checkpoint(out_dir / "final", model, **ckpt_kwargs)  # written from a CPU copy

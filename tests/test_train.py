@@ -204,9 +204,11 @@ def test_pretrain_end_to_end_then_sft(tmp_path):
     assert manifest["parent"] == manifest_hash(tmp_path / "base" / "tokenizer")  # lineage
     rows = [json.loads(l) for l in (tmp_path / "base" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 4 and "val_loss" in rows[-1] and rows[-1]["tokens_per_s"] > 0
-    out = sft(SFTConfig(model=str(base), out_dir=str(tmp_path / "sft"), n_examples=20, steps=2, batch_size=4,
-                        max_len=60, progress=False, dtype="float32"))
-    assert verify_manifest(out)["kind"] == "sft"
+    from unittest import mock
+    with mock.patch("torch.compile", side_effect=lambda m: m) as compile:  # compile=true reaches train_loop
+        out = sft(SFTConfig(model=str(base), out_dir=str(tmp_path / "sft"), n_examples=20, steps=2, batch_size=4,
+                            max_len=60, progress=False, dtype="float32", compile=True))
+    assert verify_manifest(out)["kind"] == "sft" and compile.call_count == 1
 
 
 def test_annealing_draws_the_last_steps_from_the_anneal_corpus(tmp_path, monkeypatch):
