@@ -3,9 +3,10 @@
 Both sides: chain_sum problems in the R1-Zero template, 8 prompts x G=8 = 64 completions of exactly 32 tokens
 per step (EOS suppressed), temperature 1, beta=0 (no reference model), one policy update per batch, the same
 nanor1 accuracy + format reward, bf16 autocast for training; sampling in bf16 (ours from a bf16 copy of the
-policy, TRL under accelerate's autocast). Everything is local (HF_HUB_OFFLINE). The sides
-take turns, a few steps each per round, so a busy CPU slows both alike. --compile adds a third side: ours with
-the update under torch.compile (GRPOConfig.compile); TRL stays eager, as is its default. Run:
+policy, TRL under accelerate's autocast). Everything is local (HF_HUB_OFFLINE). The sides take turns, a few
+steps each per round, in reversed order every other round, so a busy or drifting CPU slows each alike.
+--compile adds a third side: ours with the update under torch.compile (GRPOConfig.compile); TRL stays eager, as
+is its default. Run:
     python bench/grpo_bench.py [--rounds 2] [--steps 3] [--warmup 2] [--threads N] [--compile]
 """
 
@@ -178,7 +179,7 @@ def main() -> None:
         lengths: dict[str, list[float]] = {side: [] for side in sides}
         split: dict[str, list[dict]] = {side: [] for side in sides if side != "trl"}
         for r in range(args.rounds):
-            for side in sides:
+            for side in sides if r % 2 == 0 else sides[::-1]:  # alternating order: a drifting CPU slows each alike
                 out = Path(d) / f"{side}{r}".replace(" ", "_")
                 t0 = time.perf_counter()
                 n, skip = args.steps + args.warmup, args.warmup - 1  # the first step has no duration already

@@ -58,8 +58,8 @@ class GRPOConfig:
     # each rollout (faster matmuls, as vLLM-style trainers do); old log-probs are recomputed in training
     # numerics either way, so the update is unchanged; nanor1's own decode gains little from it on CPUs
     rollout_dtype: str = "float32"
-    # the update's forward (and the old and reference log-probs) under torch.compile: ~1.2x faster updates on
-    # a CPU, after compiling for ~0.5-2 min per new kind of shape at the first steps, so it pays in long runs
+    # the update's forward (and the old and reference log-probs) under torch.compile: 1.2-1.4x faster updates
+    # on this CPU after 0.5-7 min of compiling in the first steps, so it pays only in long runs (docs/grpo.md)
     compile: bool = False
     resume: bool = False
     progress: bool = True

@@ -66,9 +66,10 @@ class Policy:
         (n, P), each prompt run once; attention: (B, T) True on real continuation tokens. `compile`: under
         torch.compile (nanor1 models and Llama-family ones; other architectures run transformers' forward)."""
         if self.kind == "nanor1":
-            from nanor1.model import Transformer
-            forward = compiled(Transformer.forward_shared_prompts) if compile else Transformer.forward_shared_prompts
-            return forward(self.model, prompts, prompt_lens, inputs, attention)
+            if compile:
+                forward = compiled(type(self.model).forward_shared_prompts)
+                return forward(self.model, prompts, prompt_lens, inputs, attention)
+            return self.model.forward_shared_prompts(prompts, prompt_lens, inputs, attention)
         from nanor1.hf_llama import FastLlama, supports
         if supports(self.model, prompts.shape[1] + inputs.shape[1], training=self.model.training):
             return FastLlama(self.model).continuation_logits(prompts, prompt_lens, inputs, attention, compile)
