@@ -58,8 +58,9 @@ class GRPOConfig:
     # each rollout (faster matmuls, as vLLM-style trainers do); old log-probs are recomputed in training
     # numerics either way, so the update is unchanged; nanor1's own decode gains little from it on CPUs
     rollout_dtype: str = "float32"
-    # the update's forward (and the old and reference log-probs) under torch.compile: 1.2-1.4x faster updates
-    # on this CPU after 0.5-7 min of compiling in the first steps, so it pays only in long runs (docs/grpo.md)
+    # a Llama-family policy's update forward (and the old and reference log-probs) under torch.compile: 1.2-1.4x
+    # faster updates on this CPU after ~0.5-1.5 min of compiling in the first steps, so it pays only in long runs;
+    # nanor1 policies refuse it (docs/grpo.md)
     compile: bool = False
     resume: bool = False
     progress: bool = True
@@ -167,7 +168,7 @@ def _sync(sampling_copy: torch.nn.Module, model: torch.nn.Module) -> None:
 
 def grpo(cfg: GRPOConfig, policy=None) -> Path:
     """Run GRPO from `cfg.model` (or an in-memory Policy); returns the final policy's folder."""
-    from nanor1.policy import load_policy
+    from nanor1.policy import COMPILE_REFUSED, load_policy
     from nanor1.tasks import get_task
     out_dir, device, dtype = start_run(cfg)
     start = 0
@@ -178,6 +179,8 @@ def grpo(cfg: GRPOConfig, policy=None) -> Path:
         policy = load_policy(resume_from, device)
     elif policy is None:
         policy = load_policy(cfg.model, device)
+    if cfg.compile and policy.kind == "nanor1":
+        raise NanoR1Error(COMPILE_REFUSED)
     task = get_task(cfg.task, **cfg.task_options)
     model = policy.model
     ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.loss.needs_ref else None

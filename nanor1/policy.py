@@ -11,8 +11,15 @@ from pathlib import Path
 import torch
 
 from nanor1.checkpoint import is_checkpoint, latest_checkpoint, load_model, save_checkpoint
-from nanor1.common import NanoR1Error, compiled
+from nanor1.common import NanoR1Error
 from nanor1.engine import Engine
+
+
+# Compiled, a nanor1 model's shared-prompt forward gave the right logits but wrong gradients under bf16 autocast
+# (the last MoE layer's ~100% off when only each prompt's last position was read; float32 and Inductor-free
+# backends were right), so GRPO's compile=true is for Llama-family policies only (docs/grpo.md).
+COMPILE_REFUSED = ("compile=true is not available for nanor1 policies: under torch 2.13 their compiled update gave "
+                   "wrong gradients in bf16 (docs/grpo.md); run with compile=false")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -64,11 +71,11 @@ class Policy:
                             attention: torch.Tensor, compile: bool = False) -> torch.Tensor:
         """(B, T + 1, V) logits for G = B // n right-padded continuations (B, T) of each of n right-padded prompts
         (n, P), each prompt run once; attention: (B, T) True on real continuation tokens. `compile`: under
-        torch.compile (nanor1 models and Llama-family ones; other architectures run transformers' forward)."""
+        torch.compile for Llama-family models (other Hugging Face architectures run transformers' forward; nanor1
+        models refuse it, see COMPILE_REFUSED)."""
         if self.kind == "nanor1":
             if compile:
-                forward = compiled(type(self.model).forward_shared_prompts)
-                return forward(self.model, prompts, prompt_lens, inputs, attention)
+                raise NanoR1Error(COMPILE_REFUSED)
             return self.model.forward_shared_prompts(prompts, prompt_lens, inputs, attention)
         from nanor1.hf_llama import FastLlama, supports
         if supports(self.model, prompts.shape[1] + inputs.shape[1], training=self.model.training):

@@ -75,22 +75,11 @@ def test_grpo_samples_from_a_bf16_copy_kept_in_step(base, tmp_path):
         grpo(_cfg(base, tmp_path / "bad", rollout_dtype="bf8"))
 
 
-def test_grpo_compile_runs_every_log_prob_forward_compiled(base, tmp_path):
-    """compile=true: the update's forward, the old log-probs (mu > 1) and the reference's (beta > 0) all go through
-    the compiled forward, so their numerics agree; compile=false never does. (The compiled forward's values are
-    tested against eager in tests/test_model.py, marked slow for its compile time.)"""
-    from unittest import mock
-
-    from nanor1.model import Transformer as Model
-    from nanor1.rl import GRPOLossConfig
-    loss = GRPOLossConfig(beta=0.01)
-    for compile in (True, False):
-        with mock.patch("nanor1.policy.compiled", side_effect=lambda fn: fn) as compiled:
-            grpo(_cfg(base, tmp_path / str(compile), steps=1, mu=2, loss=loss, compile=compile))
-        # per micro-batch of 4 (2 prompts x G 4 = 8 rows: 2 micro-batches): old and reference log-probs, then mu
-        # updates
-        assert compiled.call_count == (2 * (2 + 2) if compile else 0)
-        assert all(c.args == (Model.forward_shared_prompts,) for c in compiled.call_args_list)
+def test_grpo_compile_is_refused_for_a_nanor1_policy(base, tmp_path):
+    """compile=true on a nanor1 policy is one clear line (its compiled update's gradients were wrong in bf16;
+    tests/test_model.py keeps the check, as an expected failure); the Llama-family case is in test_hf_backend."""
+    with pytest.raises(NanoR1Error, match="compile=true is not available for nanor1 policies"):
+        grpo(_cfg(base, tmp_path, compile=True))
 
 
 def test_grpo_logs_each_reward_functions_mean_and_std(base, tmp_path):

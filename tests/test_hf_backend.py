@@ -164,6 +164,27 @@ def test_grpo_trains_an_hf_policy_with_reference_and_several_updates(llama_dir, 
                                                      start.model.state_dict().values()))
 
 
+def test_grpo_compile_runs_every_log_prob_forward_compiled(llama_dir, tmp_path):
+    """compile=true: the update's forward, the old log-probs (mu > 1) and the reference's (beta > 0) all go through
+    FastLlama's compiled forward, so their numerics agree; a model FastLlama does not take (GELU) runs transformers'
+    forward. (The compiled forward's values are tested against eager in tests/test_hf_llama.py, marked slow.)"""
+    from unittest import mock
+
+    from nanor1.grpo import GRPOConfig, grpo
+    from nanor1.hf_llama import FastLlama
+    from nanor1.templates import Template
+    cfg = GRPOConfig(model=str(llama_dir), out_dir=str(tmp_path / "run"), template=Template.CHAT, steps=1,
+                     prompts_per_step=2, group_size=3, max_new_tokens=6, micro_batch=4, mu=2, progress=False,
+                     dtype="float32", compile=True)
+    cfg.loss.beta = 0.1
+    with mock.patch("nanor1.hf_llama.compiled", side_effect=lambda fn: fn) as compiled:
+        grpo(cfg)
+    fast = load_policy(llama_dir).model.config.hidden_act == "silu"
+    # 2 micro-batches (one prompt of G = 3 rows each): old and reference log-probs, then mu = 2 updates
+    assert compiled.call_count == (2 * (2 + 2) if fast else 0)
+    assert all(c.args == (FastLlama._continuation,) for c in compiled.call_args_list)
+
+
 def test_save_reload_with_train_state(llama_dir, tmp_path):
     policy = load_policy(llama_dir)  # its own copy: this test trains it
     opt = torch.optim.AdamW(policy.model.parameters(), lr=1e-3)

@@ -227,36 +227,44 @@ def test_compiled_training_step_matches_eager():
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="torch 2.13's Inductor: wrong gradients in bf16 (GRPO refuses compile=true "
+                                      "for nanor1 policies until this passes)")
 def test_compiled_shared_prompt_forward_matches_eager():
-    """GRPOConfig.compile for a nanor1 policy: Policy.continuation_logits under torch.compile gives eager's logits,
-    gradients and MoE expert loads (counted on real tokens only), for two batch shapes (the second recompiles
-    with dynamic sizes). ~2-3 min of compilation on 2 cores."""
-    from nanor1.policy import Policy
+    """forward_shared_prompts under torch.compile against eager: logits, gradients and MoE expert loads (counted on
+    real tokens only), for two batch shapes: in float32 (the routed experts as a loop) to float32 rounding, and
+    under bf16 autocast, as GRPO runs it (grouped expert matmuls), to bf16 rounding. float32 matches; in bf16 the
+    logits match but the last MoE layer's gradients are ~100% off (aot_eager, without Inductor, is right), so GRPO
+    refuses compile=true for nanor1 policies. Strict: once a PyTorch passes this, it fails, to say so. ~3-5 min of
+    compilation on 2 cores."""
     model = Transformer(ModelConfig.preset("tiny")).init_weights(0).train()
-    policy = Policy(model, None, "nanor1", None)
     _, _, prompt_ids, lens, targets, real = _shared_prompt_batch(model.cfg.vocab_size)
+    forward = torch.compile(Transformer.forward_shared_prompts)
 
-    def run(compile, G):
+    def run(compile, G, dtype):
         model.zero_grad(set_to_none=True)
         for moe in model.moe_layers():
             moe.expert_load.zero_()
         n = len(lens)
         rows = (torch.arange(n)[:, None] * 3 + torch.arange(G)).flatten()  # the first G of each prompt's 3
-        logits = policy.continuation_logits(prompt_ids, lens, targets[rows, :-1], real[rows, :-1], compile=compile)
+        with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
+            logits = (forward if compile else Transformer.forward_shared_prompts)(
+                model, prompt_ids, lens, targets[rows, :-1], real[rows, :-1])
         logp = torch.log_softmax(logits.float(), -1).gather(-1, targets[rows, :, None])[..., 0]
         (logp * real[rows]).sum().backward()
-        return logits.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}, \
-            [moe.expert_load.clone() for moe in model.moe_layers()]
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        return logits.detach().float(), grads, [moe.expert_load.clone() for moe in model.moe_layers()]
 
-    for G in (3, 2):
-        ref, ref_grads, ref_loads = run(False, G)
-        out, grads, loads = run(True, G)
-        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-        assert grads.keys() == ref_grads.keys()
-        for name, g in ref_grads.items():
-            torch.testing.assert_close(grads[name], g, rtol=1e-3, atol=1e-3 * float(g.abs().max()) + 1e-6, msg=name)
-        for a, b in zip(loads, ref_loads):
-            assert torch.equal(a, b)
+    for dtype, tol, grad_tol in ((torch.float32, 1e-4, 1e-3), (torch.bfloat16, 0.05, 0.05)):
+        for G in (3, 2):
+            ref, ref_grads, ref_loads = run(False, G, dtype)
+            out, grads, loads = run(True, G, dtype)
+            torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+            assert grads.keys() == ref_grads.keys()
+            for name, g in ref_grads.items():
+                torch.testing.assert_close(grads[name], g, rtol=grad_tol, atol=grad_tol * float(g.abs().max()) + 1e-6,
+                                           msg=name)
+            for a, b in zip(loads, ref_loads):  # in bf16 a near-tie may route elsewhere: the counts still add up
+                assert torch.equal(a, b) if dtype == torch.float32 else a.sum() == b.sum()
 
 
 def test_sequence_balance_loss_formula():
