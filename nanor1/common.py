@@ -163,8 +163,8 @@ def compiled(fn):
     the arguments' sizes and the modules passed in, so every caller shares them). The first sizes get a static
     graph, the fastest; the first call with other sizes marks every dimension of its tensor arguments symbolic,
     so one more graph serves every later size. Left to itself Dynamo recompiles at the first change of each
-    dimension: for GRPO's prompt width, completion width and rows, three recompilations of a nanor1 policy's
-    update took 1.5-2.5 min each on 2 CPU cores."""
+    dimension: GRPO's prompt width, completion width and rows changing cost three recompilations of 1.5-2.5 min
+    each on 2 CPU cores (measured on a nanor1 model's update, before GRPO refused to compile those)."""
     graph, first = torch.compile(fn), []
 
     def call(*args):

@@ -179,7 +179,7 @@ def grpo(cfg: GRPOConfig, policy=None) -> Path:
         policy = load_policy(resume_from, device)
     elif policy is None:
         policy = load_policy(cfg.model, device)
-    if cfg.compile and policy.kind == "nanor1":
+    if cfg.compile and policy.kind == "nanor1":  # Policy.continuation_logits refuses it too; say so before sampling
         raise NanoR1Error(COMPILE_REFUSED)
     task = get_task(cfg.task, **cfg.task_options)
     model = policy.model

@@ -210,9 +210,11 @@ class FastLlama(torch.nn.Module):
         # their size depends on the positions' values, which a compiled graph cannot branch on
         probe = prompts.new_empty(0, dtype=dt)
         rope = self._rope_tables(probe, torch.arange(P, device=prompts.device)[None])
-        pos = prompt_lens.repeat_interleave(inputs.shape[0] // prompts.shape[0], 0)[:, None] + \
-            torch.arange(T, device=inputs.device)
-        rope_continuation = self._rope_tables(probe, pos) if T else None
+        rope_continuation = None
+        if T:
+            pos = prompt_lens.repeat_interleave(inputs.shape[0] // prompts.shape[0], 0)[:, None] + \
+                torch.arange(T, device=inputs.device)
+            rope_continuation = self._rope_tables(probe, pos)
         forward = compiled(FastLlama._continuation) if compile else FastLlama._continuation
         return forward(self, prompts, prompt_lens, inputs, rope, rope_continuation, dt)
 
