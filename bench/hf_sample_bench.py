@@ -5,9 +5,11 @@ each (no EOS). The model is a random Llama with SmolLM2-135M's shape (or bench/g
 the real SmolLM2 from a local GGUF file. Sides run in turns, so a busy CPU slows each alike:
   - transformers generate(), float32, and under bf16 autocast (as TRL's GRPOTrainer samples with bf16=True);
   - nanor1's engine over transformers' forward and a DynamicCache (nanor1.hf_backend.HFBackend), float32;
-  - nanor1's engine over FastLlama (nanor1.hf_llama), float32 and on a bf16 copy (GRPO's rollout_dtype).
+  - nanor1's engine over FastLlama (nanor1.hf_llama), float32 and on a bf16 copy (GRPO's rollout_dtype);
+  - with --compile, also over FastLlama(compile=True) on the bf16 copy (GRPO's compile=true; its warm-up run
+    compiles, and the time that took is printed).
 Run:
-    python bench/hf_sample_bench.py [--shape smollm2|grpo] [--gguf FILE] [--new-tokens 32] [--reps 3]
+    python bench/hf_sample_bench.py [--shape smollm2|grpo] [--gguf FILE] [--new-tokens 32] [--reps 3] [--compile]
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import copy
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -52,6 +55,7 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per side")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--compile", action="store_true", help="add FastLlama's compiled decode on the bf16 copy")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
 
@@ -95,8 +99,13 @@ def main() -> None:
              "nanor1 engine, transformers forward fp32": engine(HFBackend(model, B)),
              "nanor1 engine, FastLlama fp32": engine(ModelBackend(FastLlama(model), B)),
              "nanor1 engine, FastLlama bf16 copy": engine(ModelBackend(FastLlama(bf16), B))}
-    for run in sides.values():  # warm-up
+    if args.compile:
+        sides["nanor1 engine, FastLlama bf16, compiled"] = engine(ModelBackend(FastLlama(bf16, compile=True), B))
+    for name, run in sides.items():  # warm-up
+        t0 = time.perf_counter()
         run()
+        if "compiled" in name:
+            print(f"{name}: first run (compiling) {time.perf_counter() - t0:.1f} s")
     times = take_turns(sides, args.reps)
     ref = statistics.median(times["transformers generate() fp32"])
     print(f"{'side':<42} {'s (median)':>10} {'tokens/s':>9} {'vs generate() fp32':>19}")

@@ -5,7 +5,8 @@ at every token; on a CPU at GRPO's batch sizes that overhead costs as much as th
 same weights with q|k|v and gate|up packed into one matmul each (on CPUs in bf16, also laid out once in oneDNN's
 blocked format, `nanor1.common.pack_frozen`), over a per-slot KV cache that grows in blocks,
 behind the `prefill` / `decode` / `new_cache` interface of nanor1's own Transformer, so the engine's
-`ModelBackend` drives it with continuous batching. GRPO's update runs the same concatenated weights with
+`ModelBackend` drives it with continuous batching; `compile=True` runs each decode step as one compiled graph.
+GRPO's update runs the same concatenated weights with
 gradients (`continuation_logits`): each prompt once, its group's completions attending to its keys, the
 concatenated weights cast once for both passes. That update's time is mostly its matmuls, so it gains less
 (bench/README.md, GRPO). Tests pin the logits and gradients to transformers' forward.
@@ -13,6 +14,7 @@ concatenated weights cast once for both passes. That update's time is mostly its
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -112,9 +114,9 @@ class LlamaCache:
 class FastLlama(torch.nn.Module):
     """A transformers Llama-family causal LM behind nanor1's model interface (see `Transformer.prefill`)."""
 
-    def __init__(self, model):
+    def __init__(self, model, compile: bool = False):
         super().__init__()
-        self.hf = model
+        self.hf, self.compile = model, compile  # compile: decode steps under torch.compile (see _decode_step)
         cfg = model.config
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -130,9 +132,11 @@ class FastLlama(torch.nn.Module):
         swapped for a new one is not seen; build a new FastLlama after that."""
         key = version_key(self._params)
         if key != self._key:
+            # a compiled graph takes plain tensors only; Inductor's own matmuls then re-lay the weights out
+            pack = torch.Tensor.detach if self.compile else pack_frozen
             with torch.no_grad():
-                self._layers, self._key = _gather(self.hf, pack_frozen), key
-                self._head_weight = pack_frozen(self.hf.lm_head.weight)
+                self._layers, self._key = _gather(self.hf, pack), key
+                self._head_weight = pack(self.hf.lm_head.weight)
         return self._layers
 
     def new_cache(self, n_slots: int, max_len: int | None = None) -> LlamaCache:
@@ -182,6 +186,11 @@ class FastLlama(torch.nn.Module):
         rows = torch.arange(slots.start, slots.stop, device=tokens.device) if isinstance(slots, slice) else slots
         x = self.hf.model.embed_tokens(tokens[:, None])
         cos, sin = self._rope_tables(x, positions[:, None])
+        if self.compile:
+            logits, k, v = _compiled_decode()(self, self.layers(), x, cache.k[:, slots], cache.v[:, slots], cos, sin,
+                                              positions)
+            cache.k[:, rows, :, positions], cache.v[:, rows, :, positions] = k, v
+            return logits
         keep = torch.arange(cache.k.shape[3], device=tokens.device)[None, :] <= positions[:, None]
         bias = torch.zeros(keep.shape, dtype=cache.dtype, device=tokens.device).masked_fill_(~keep, float("-inf"))
         bias = bias[:, None, None]  # (B, 1, 1, capacity)
@@ -195,6 +204,30 @@ class FastLlama(torch.nn.Module):
             o = torch.matmul(torch.softmax(scores.add_(bias), dim=-1), values)  # (B, KV, H // KV, D)
             x = self._finish(layer, x, o.reshape(B, 1, H * D))
         return self._head(x[:, 0]).float()
+
+    def _decode_step(self, layers: list[_Layer], x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cos, sin,
+                     positions: torch.Tensor):
+        """`decode`'s layers as one pure function, for torch.compile: x (B, 1, C) at `positions`, the cache's keys
+        and values (n_layers, B, KV, capacity, D) before this token. Each query attends to the cached keys below
+        its position and to its own new key, kept apart, and the new keys and values are returned, (B, n_layers,
+        KV, D) each, for the caller to write: a graph that wrote into its input cache would copy it whole.
+        Returns (B, V) float logits too."""
+        B = x.shape[0]
+        H, KV, D = self.n_heads, self.n_kv, self.head_dim
+        below = torch.arange(keys.shape[3], device=x.device)[None, :] < positions[:, None]
+        bias = torch.zeros(below.shape, device=x.device).masked_fill_(~below, float("-inf"))[:, None, None]
+        new_k, new_v = [], []
+        for layer, K, V in zip(layers, keys, values):
+            q, k, v = self._qkv(layer, x, cos, sin)
+            q, k, v = q.reshape(B, KV, H // KV, D), k.reshape(B, KV, 1, D), v.reshape(B, KV, 1, D)
+            new_k.append(k[:, :, 0])
+            new_v.append(v[:, :, 0])
+            scores = torch.cat((torch.matmul(q, K.transpose(-1, -2)).float(),
+                                (q.float() * k.float()).sum(-1, keepdim=True)), dim=-1)
+            p = torch.softmax(scores * self.scale + F.pad(bias, (0, 1)), dim=-1).to(V.dtype)
+            o = torch.matmul(p[..., :-1], V) + p[..., -1:] * v  # (B, KV, H // KV, D)
+            x = self._finish(layer, x, o.reshape(B, 1, H * D))
+        return self._head(x[:, 0]).float(), torch.stack(new_k, 1), torch.stack(new_v, 1)
 
     def continuation_logits(self, prompts: torch.Tensor, prompt_lens: torch.Tensor, inputs: torch.Tensor,
                             attention: torch.Tensor, compile: bool = False) -> torch.Tensor:
@@ -279,6 +312,15 @@ class FastLlama(torch.nn.Module):
             cos, sin = rotary(x, torch.arange(n, device=x.device)[None])
             self._rope = table = cos[0], sin[0]
         return table[0][positions][:, None], table[1][positions][:, None]
+
+
+@functools.cache
+def _compiled_decode():
+    """FastLlama._decode_step under torch.compile, shared by every instance. Dynamo's default for sizes suits
+    decoding: a static graph first, then one with the dimension that changed (cache capacity, batch) symbolic.
+    Inductor's default inlines the rotation of q into the attention scores, recomputing it for every key; buffers
+    that take more than a few ops are kept instead (bench/README.md, GRPO: the step 1.3x faster)."""
+    return torch.compile(FastLlama._decode_step, options={"realize_opcount_threshold": 4})
 
 
 def rms_norm_train(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

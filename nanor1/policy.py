@@ -83,14 +83,19 @@ class Policy:
         from nanor1.hf_backend import shared_prompt_logits
         return shared_prompt_logits(self.model, prompts, prompt_lens, inputs, attention)
 
-    def engine(self, max_batch: int = 64, max_seq_len: int | None = None, seed: int = 0) -> Engine:
+    def engine(self, max_batch: int = 64, max_seq_len: int | None = None, seed: int = 0,
+               compile: bool = False) -> Engine:
+        """An engine that samples from this policy. `compile`: decode steps under torch.compile, for Llama-family
+        models (other Hugging Face architectures sample through transformers' forward; nanor1 models refuse it)."""
         if self.kind == "nanor1":
+            if compile:
+                raise NanoR1Error("compiled sampling is for Llama-family policies; run with compile=false")
             return Engine(self.model, self.tokenizer, max_batch=max_batch, max_seq_len=max_seq_len, seed=seed)
         from nanor1.engine import ModelBackend
         from nanor1.hf_backend import HFBackend
         from nanor1.hf_llama import FastLlama, supports
         if supports(self.model, min(max_seq_len or self.max_seq_len, self.max_seq_len)):
-            backend = ModelBackend(FastLlama(self.model), max_batch, max_seq_len)
+            backend = ModelBackend(FastLlama(self.model, compile), max_batch, max_seq_len)
         else:  # any other architecture runs through transformers' own forward
             backend = HFBackend(self.model, max_batch, max_seq_len, pad_id=self.tokenizer.pad_id or 0)
         return Engine(None, self.tokenizer, backend=backend, seed=seed)

@@ -10,6 +10,7 @@ from nanor1.common import NanoR1Error
 from nanor1.grpo import GRPOConfig, build_batch, grpo
 from nanor1.engine import Completion
 from nanor1.model import ModelConfig, Transformer
+from nanor1.policy import load_policy
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +81,8 @@ def test_grpo_compile_is_refused_for_a_nanor1_policy(base, tmp_path):
     tests/test_model.py keeps the check, as an expected failure); the Llama-family case is in test_hf_backend."""
     with pytest.raises(NanoR1Error, match="compile=true is not available for nanor1 policies"):
         grpo(_cfg(base, tmp_path, compile=True))
+    with pytest.raises(NanoR1Error, match="compiled sampling is for Llama-family policies"):
+        load_policy(base).engine(compile=True)
 
 
 def test_grpo_logs_each_reward_functions_mean_and_std(base, tmp_path):

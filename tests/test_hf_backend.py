@@ -166,8 +166,9 @@ def test_grpo_trains_an_hf_policy_with_reference_and_several_updates(llama_dir, 
 
 def test_grpo_compile_runs_every_log_prob_forward_compiled(llama_dir, tmp_path):
     """compile=true: the update's forward, the old log-probs (mu > 1) and the reference's (beta > 0) all go through
-    FastLlama's compiled forward, so their numerics agree; a model FastLlama does not take (GELU) runs transformers'
-    forward. (The compiled forward's values are tested against eager in tests/test_hf_llama.py, marked slow.)"""
+    FastLlama's compiled forward, so their numerics agree, and the rollout's decode steps through its compiled
+    step; a model FastLlama does not take (GELU) runs transformers' forward. (The compiled functions' values are
+    tested against transformers' in tests/test_hf_llama.py, marked slow.)"""
     from unittest import mock
 
     from nanor1.grpo import GRPOConfig, grpo
@@ -177,12 +178,15 @@ def test_grpo_compile_runs_every_log_prob_forward_compiled(llama_dir, tmp_path):
                      prompts_per_step=2, group_size=3, max_new_tokens=6, micro_batch=4, mu=2, progress=False,
                      dtype="float32", compile=True)
     cfg.loss.beta = 0.1
-    with mock.patch("nanor1.hf_llama.compiled", side_effect=lambda fn: fn) as compiled:
+    with mock.patch("nanor1.hf_llama.compiled", side_effect=lambda fn: fn) as compiled, \
+            mock.patch("nanor1.hf_llama._compiled_decode", return_value=FastLlama._decode_step) as decode:
         grpo(cfg)
     fast = load_policy(llama_dir).model.config.hidden_act == "silu"
     # 2 micro-batches (one prompt of G = 3 rows each): old and reference log-probs, then mu = 2 updates
     assert compiled.call_count == (2 * (2 + 2) if fast else 0)
     assert all(c.args == (FastLlama._continuation,) for c in compiled.call_args_list)
+    # every decode step of the rollout: at least one (completions of at most 6 tokens take at most 5)
+    assert 1 <= decode.call_count <= 5 if fast else decode.call_count == 0
 
 
 def test_save_reload_with_train_state(llama_dir, tmp_path):

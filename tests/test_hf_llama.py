@@ -51,30 +51,54 @@ ROPE = {"llama3": dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high
         "dynamic": dict(rope_type="dynamic", factor=2.0, rope_theta=10000.0)}
 
 
-@pytest.mark.parametrize("name,rope", [(f, None) for f in FAMILIES] + [("llama", r) for r in ROPE])
-def test_cached_decoding_gives_transformers_logits(name, rope):
+def _decode_against_transformers(model, fast: FastLlama, tol: float) -> None:
     """Prefill (prompts of different lengths, one repeated) and 70 decode steps, which grow the cache past several
-    blocks, against transformers' forward over each whole sequence."""
-    model = _family(name, **({"rope_parameters": ROPE[rope]} if rope else {}))
-    if rope:
-        assert model.model.rotary_emb.rope_type == rope
-    assert supports(model, 160)
-    backend = ModelBackend(FastLlama(model), n_slots=4)
+    blocks, against transformers' forward over each whole sequence. Slot 1 stops after 40 steps, so the rest
+    decode from slots that are not one contiguous run."""
+    backend = ModelBackend(fast, n_slots=4)
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (5, 9, 2)]
     prompts.append(prompts[1])
     seqs = [list(p) for p in prompts]
-    logits = [backend.prefill(prompts, [0, 1, 2, 3])]
-    for _ in range(70):
-        tokens = torch.randint(0, VOCAB, (4,), generator=g)
-        for s, t in zip(seqs, tokens.tolist()):
-            s.append(t)
-        logits.append(backend.decode(tokens, [0, 1, 2, 3]))
+    logits = [[row] for row in backend.prefill(prompts, [0, 1, 2, 3])]
+    for step in range(70):
+        slots = [0, 1, 2, 3] if step < 40 else [0, 2, 3]
+        tokens = torch.randint(0, VOCAB, (len(slots),), generator=g)
+        for b, t in zip(slots, tokens.tolist()):
+            seqs[b].append(t)
+        for b, row in zip(slots, backend.decode(tokens, slots)):
+            logits[b].append(row)
     for b, s in enumerate(seqs):
         with torch.no_grad():
-            ref = model(torch.tensor([s])).logits[0, len(prompts[b]) - 1:]
-        ours = torch.stack([step[b] for step in logits])
-        assert (ours - ref).abs().max() < 1e-4, (name, b)
+            ref = model(torch.tensor([s]).to(model.device)).logits[0, len(prompts[b]) - 1:].float()
+        assert (torch.stack(logits[b]) - ref).abs().max() < tol, b
+
+
+@pytest.mark.parametrize("name,rope", [(f, None) for f in FAMILIES] + [("llama", r) for r in ROPE])
+def test_cached_decoding_gives_transformers_logits(name, rope):
+    model = _family(name, **({"rope_parameters": ROPE[rope]} if rope else {}))
+    if rope:
+        assert model.model.rotary_emb.rope_type == rope
+    assert supports(model, 160)
+    _decode_against_transformers(model, FastLlama(model), 1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_decode_step_for_compiling_gives_transformers_logits(name):
+    """FastLlama(compile=True) runs each decode step as one pure function (new keys attended apart, written after);
+    here that function runs uncompiled, so this checks its arithmetic (the slow test below compiles it)."""
+    model = _family(name)
+    with mock.patch("nanor1.hf_llama._compiled_decode", lambda: FastLlama._decode_step):
+        _decode_against_transformers(model, FastLlama(model, compile=True), 1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_decoding_gives_transformers_logits(dtype):
+    """The decode step under torch.compile (static, then symbolic capacity and batch), Qwen3 (grouped-query
+    attention, normalised q and k heads), in float32 and in bf16 (GRPO's rollout copy)."""
+    model = _family("qwen3").to(dtype)
+    _decode_against_transformers(model, FastLlama(model, compile=True), 1e-4 if dtype == torch.float32 else 0.1)
 
 
 def test_decoding_follows_weights_changed_in_place():
