@@ -105,6 +105,16 @@ def test_fast_llama_decoding_on_the_device():
         assert o.ids == ids[len(p):] and max(ids) < VOCAB
 
 
+def test_compiled_fast_llama_decoding_on_the_device():
+    """FastLlama's compiled decode step (GRPO's compile=true) on the device against transformers' forward there:
+    float32, cache growth and a batch that shrinks to slots that are not one contiguous run."""
+    from test_hf_llama import _decode_against_transformers, _family
+
+    from nanor1.hf_llama import FastLlama
+    model = _family("qwen3").to(DEVICE)
+    _decode_against_transformers(model, FastLlama(model, compile=True), 1e-3)
+
+
 def test_fast_llama_update_on_the_device():
     """GRPO's update through FastLlama (nanor1.hf_llama.continuation_logits: SDPA with masks on GPUs) against
     transformers' shared-prompt forward on the device: logits and gradients, float32 and bf16 autocast."""
