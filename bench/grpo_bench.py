@@ -5,9 +5,10 @@ per step (EOS suppressed), temperature 1, beta=0 (no reference model), one polic
 nanor1 accuracy + format reward, bf16 autocast for training; sampling in bf16 (ours from a bf16 copy of the
 policy, TRL under accelerate's autocast). Everything is local (HF_HUB_OFFLINE). The sides take turns, a few
 steps each per round, in reversed order every other round, so a busy or drifting CPU slows each alike.
---compile adds a third side: ours with the update under torch.compile (GRPOConfig.compile); TRL stays eager, as
-is its default. Run:
-    python bench/grpo_bench.py [--rounds 2] [--steps 3] [--warmup 2] [--threads N] [--compile]
+--compile adds a third side: ours with the update and the sampling under torch.compile (GRPOConfig.compile); TRL
+stays eager, as is its default. --trl-compile adds TRL with its own torch_compile=True as a side too (on this CPU
+it was slower than TRL eager, so the ratios are against TRL eager). Run:
+    python bench/grpo_bench.py [--rounds 2] [--steps 3] [--warmup 2] [--threads N] [--compile] [--trl-compile]
 """
 
 from __future__ import annotations
@@ -88,9 +89,11 @@ def run_ours(folder: Path, out: Path, steps: int, seed: int, rollout_dtype: str,
     return [b - a for a, b in zip(ends, ends[1:])], [r["response_len"] for r in rows], split
 
 
-def run_trl(folder: Path, out: Path, steps: int, seed: int, task) -> tuple[list[float], list[float], bool]:
-    """The same with trl.GRPOTrainer; step times are taken between on_step_end callbacks. Also says whether
-    accelerate wrapped the model's forward in bf16 autocast (so TRL's generate() samples in bf16 too)."""
+def run_trl(folder: Path, out: Path, steps: int, seed: int, task,
+            compile: bool = False) -> tuple[list[float], list[float], bool]:
+    """The same with trl.GRPOTrainer (`compile`: its torch_compile=True); step times are taken between on_step_end
+    callbacks. Also says whether accelerate wrapped the model's forward in bf16 autocast (so TRL's generate()
+    samples in bf16 too)."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
@@ -123,7 +126,7 @@ def run_trl(folder: Path, out: Path, steps: int, seed: int, task) -> tuple[list[
         top_p=1.0, top_k=0, beta=0.0, num_iterations=1, epsilon=0.2, loss_type="grpo", scale_rewards="group",
         learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9,
         adam_beta2=0.95, max_grad_norm=1.0, logging_steps=1, save_strategy="no", disable_tqdm=True,
-        dataloader_num_workers=0, log_completions=False)
+        dataloader_num_workers=0, log_completions=False, torch_compile=compile)
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True)
     hf_tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data, processing_class=hf_tok,
@@ -143,8 +146,9 @@ def main() -> None:
     p.add_argument("--rollout-dtype", default="bfloat16",
                    help="ours: GRPOConfig.rollout_dtype (TRL samples under accelerate's bf16 autocast)")
     p.add_argument("--compile", action="store_true",
-                   help="also run ours with GRPOConfig.compile (the update under torch.compile; it compiles in its "
-                        "first, untimed step). TRL stays eager, as its default")
+                   help="also run ours with GRPOConfig.compile (the update and the sampling under torch.compile; "
+                        "it compiles in its first, untimed steps). TRL stays eager, as its default")
+    p.add_argument("--trl-compile", action="store_true", help="also run TRL with its torch_compile=True")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
 
@@ -174,17 +178,18 @@ def main() -> None:
         assert hf_ids == encode_prompt(tok, q), "TRL's prompt ids differ from ours"
         print(f"model: Llama 256 x 4 layers, vocab {tok.vocab_size}, prompt {len(hf_ids)} tokens; "
               f"{PROMPTS_PER_STEP} prompts x G={G}, {NEW_TOKENS} new tokens")
-        sides = ("ours", "trl") + (("ours compiled",) if args.compile else ())
+        sides = ("ours", "trl") + (("ours compiled",) if args.compile else ()) + \
+            (("trl compiled",) if args.trl_compile else ())
         times: dict[str, list[float]] = {side: [] for side in sides}
         lengths: dict[str, list[float]] = {side: [] for side in sides}
-        split: dict[str, list[dict]] = {side: [] for side in sides if side != "trl"}
+        split: dict[str, list[dict]] = {side: [] for side in sides if not side.startswith("trl")}
         for r in range(args.rounds):
             for side in sides if r % 2 == 0 else sides[::-1]:  # alternating order: a drifting CPU slows each alike
                 out = Path(d) / f"{side}{r}".replace(" ", "_")
                 t0 = time.perf_counter()
                 n, skip = args.steps + args.warmup, args.warmup - 1  # the first step has no duration already
-                if side == "trl":
-                    ts, ls, trl_autocast = run_trl(folder, out, n, r, task)
+                if side.startswith("trl"):
+                    ts, ls, trl_autocast = run_trl(folder, out, n, r, task, side == "trl compiled")
                     print(f"TRL's model forward runs under bf16 autocast (sampling included): {trl_autocast}")
                 else:
                     ts, ls, sp = run_ours(folder, out, n, r, args.rollout_dtype, side == "ours compiled")
@@ -205,6 +210,8 @@ def main() -> None:
               f"{statistics.median(x['train_s'] for x in rows):.2f} s per step")
     for k in split:
         print(f"{k} is {med['trl'] / med[k]:.2f}x faster than TRL per GRPO step")
+    if "trl compiled" in med:
+        print(f"TRL compiled takes {med['trl compiled'] / med['trl']:.2f}x TRL eager's time per step")
     print("load average after:", ", ".join(f"{x:.2f}" for x in os.getloadavg()))
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "command": command(), "seconds": times,
