@@ -17,6 +17,6 @@ python3 -m pytest -q tests/test_grpo.py tests/test_speedrun.py tests/test_evalua
     tests/test_checkpoint.py 2>&1 | tee "$out/stage_tests.log"
 bench=(python3 bench/train_bench.py --device cuda --preset "$preset" --batch "$batch" --seq "$seq")
 "${bench[@]}" --expert-loop --json "$out/train_eager.json" 2>&1 | tee "$out/train_eager.log"
-timeout "${COMPILED_TIMEOUT:-300}" "${bench[@]}" --compile --json "$out/train_compiled.json" 2>&1 \
+timeout "${COMPILED_TIMEOUT:-420}" "${bench[@]}" --compile --json "$out/train_compiled.json" 2>&1 \
     | tee "$out/train_compiled.log"
 echo "logs in $out"

@@ -2,12 +2,13 @@
 
 The `speedrun` preset at batch 64 x 128 tokens, bf16 autocast, fused AdamW, gradient clipping and one optimizer step
 per iteration; ours also applies the MoE bias update, as `nanor1.train.train_loop` does. transformers' DeepseekV3
-has no MTP module, so ours runs twice: as configured (with its MTP loss) and with n_mtp_layers=0 (like for
-like). --dense adds ours with every layer dense (no MoE). --compile adds ours under torch.compile (as
-`train_loop(compile=True)`; about two minutes of compilation each on 2 cores); transformers stays eager, as
-its Trainer is by default. --expert-loop adds ours (no MTP) with its routed experts run as a loop over experts
-instead of grouped matmuls. Runs are interleaved so a busy CPU slows every side alike. On a GPU (--device cuda)
-every step ends with a synchronize. Run:
+has no MTP module, so ours runs twice: as configured (with its MTP loss) and with n_mtp_layers=0 (like for like);
+transformers runs its eager attention on CPUs, faster there than its default SDPA. --dense adds ours with every
+layer dense (no MoE). --compile adds ours under torch.compile (as `train_loop(compile=True)`; about two minutes of
+compilation each on 2 cores) and transformers' model under torch.compile too (as its Trainer's torch_compile=True;
+its default is eager), and prints every side against both. --expert-loop adds ours (no MTP) with its routed experts
+run as a loop over experts instead of grouped matmuls. Runs are interleaved so a busy CPU slows every side alike. On
+a GPU (--device cuda) every step ends with a synchronize. Run:
     python bench/train_bench.py [--batch 64] [--seq 128] [--reps 10] [--warmup 5] [--threads N] [--compile] [--dense]
                                 [--expert-loop] [--preset speedrun] [--device cpu]
 """
@@ -80,6 +81,8 @@ def main() -> None:
             moe.grouped = False
     with tempfile.TemporaryDirectory() as d:
         hf = export_hf(ours["ours (no MTP)"], Path(d))
+    if dev.type == "cpu":  # its eager attention is faster than its default SDPA here: 0.754 against 0.800 s per step
+        hf.set_attn_implementation("eager")  # (bench/README.md, Training, session 16)
     hf.to(dev).train()
     for m in ours.values():
         m.to(dev)
@@ -89,10 +92,12 @@ def main() -> None:
                                weight_decay=optim.weight_decay, fused=True)
 
     forwards = {name: m for name, m in ours.items()}
+    hf_forwards = {"transformers": hf}
     if args.compile:
         for name in [n for n in ours if "expert loop" not in n]:  # the loop's per-expert sizes break graphs
             ours[name + " compiled"], opts[name + " compiled"] = ours[name], opts[name]
             forwards[name + " compiled"] = torch.compile(ours[name])
+        hf_forwards["transformers compiled"] = torch.compile(hf)  # Trainer's torch_compile=True does this
 
     def step_ours(name: str) -> float:
         model, opt = ours[name], opts[name]
@@ -106,9 +111,9 @@ def main() -> None:
         model.update_moe_bias()
         return loss
 
-    def step_hf() -> float:
+    def step_hf(name: str) -> float:
         with autocast(dev, dtype):
-            out = hf(input_ids=x, labels=x)  # transformers shifts the labels itself
+            out = hf_forwards[name](input_ids=x, labels=x)  # transformers shifts the labels itself
         out.loss.backward()
         loss = out.loss.item()
         torch.nn.utils.clip_grad_norm_(hf.parameters(), optim.grad_clip)
@@ -117,7 +122,7 @@ def main() -> None:
         return loss
 
     runs = {name: (lambda n=name: step_ours(n)) for name in ours}
-    runs["transformers"] = step_hf
+    runs.update({name: (lambda n=name: step_hf(n)) for name in hf_forwards})
     times: dict[str, list[float]] = {name: [] for name in runs}
     losses = {}
     for name, fn in runs.items():  # warm-up (and compilation); the first losses of like models should agree
@@ -147,9 +152,10 @@ def main() -> None:
                          "of_matmul": tps * fpt / measured, "all_s": [round(t, 3) for t in ts]}
         print(f"{name:>23}: {tps:7.0f} tokens/s  MFU {tps * fpt / peak:6.2%}  of matmul {tps * fpt / measured:6.2%}  "
               f"({fpt / 1e6:.1f} MFLOP/token; median {med:.3f} s/step of {results[name]['all_s']})")
-    hf_tps = results["transformers"]["tokens_per_s"]
-    for name in ours:
-        print(f"{name} / transformers: {results[name]['tokens_per_s'] / hf_tps:.2f}x tokens/s")
+    for hf_name in hf_forwards:
+        for name in ours:
+            print(f"{name} / {hf_name}: {results[name]['tokens_per_s'] / results[hf_name]['tokens_per_s']:.2f}x "
+                  "tokens/s")
     print("load average after:", ", ".join(f"{v:.2f}" for v in os.getloadavg()))
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "command": command(), "results": results},
