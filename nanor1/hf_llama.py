@@ -127,12 +127,13 @@ class FastLlama(torch.nn.Module):
         self._rope = None  # (cos, sin) for positions 0..n-1, see _rope_tables
 
     def layers(self) -> list[_Layer]:
-        """Packed weights for inference, kept while the parameters are unchanged: training and `load_state_dict`
+        """Concatenated weights for inference (in oneDNN's layout, `pack_frozen`, unless decode steps are compiled,
+        as a graph takes plain tensors only), kept while the parameters are unchanged: training and `load_state_dict`
         change them in place, and their version counters (or storage, after `.to()`) say so. A parameter object
         swapped for a new one is not seen; build a new FastLlama after that."""
         key = version_key(self._params)
         if key != self._key:
-            # a compiled graph takes plain tensors only; Inductor's own matmuls then re-lay the weights out
+            # compiled, Inductor's matmuls re-lay the plain weights out at each call (bench/README.md, GRPO)
             pack = torch.Tensor.detach if self.compile else pack_frozen
             with torch.no_grad():
                 self._layers, self._key = _gather(self.hf, pack), key
