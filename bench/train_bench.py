@@ -8,9 +8,11 @@ layer dense (no MoE). --compile adds ours under torch.compile (as `train_loop(co
 compilation each on 2 cores) and transformers' model under torch.compile too (as its Trainer's torch_compile=True;
 its default is eager), and prints every side against both. --expert-loop adds ours (no MTP) with its routed experts
 run as a loop over experts instead of grouped matmuls. Runs are interleaved so a busy CPU slows every side alike. On
-a GPU (--device cuda) every step ends with a synchronize. Run:
+a GPU (--device cuda) every step ends with a synchronize. --matmul-share (CPUs) then profiles a few steps of each
+side and prints the seconds its matmuls take per step, and the most ours could gain over each reference if
+everything else in its step took no time at all. Run:
     python bench/train_bench.py [--batch 64] [--seq 128] [--reps 10] [--warmup 5] [--threads N] [--compile] [--dense]
-                                [--expert-loop] [--preset speedrun] [--device cpu]
+                                [--expert-loop] [--matmul-share] [--preset speedrun] [--device cpu]
 """
 
 from __future__ import annotations
@@ -42,10 +44,15 @@ def main() -> None:
                    help="also time ours with a dense feed-forward in every layer (no MoE), with and without MTP")
     p.add_argument("--expert-loop", action="store_true",
                    help="also time ours (no MTP) with its routed experts as a loop instead of grouped matmuls")
+    p.add_argument("--matmul-share", action="store_true",
+                   help="also profile each side's step (CPU) for the time its matmuls take, and print the bound "
+                        "that puts on ours against each reference")
     p.add_argument("--preset", default="speedrun", help="model preset (nanor1.model.config.PRESETS)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
+    if args.matmul_share and args.device != "cpu":
+        p.error("--matmul-share reads the profiler's CPU times; run it with --device cpu")
 
     import torch
     from nanor1.common import autocast, measure_matmul_flops, peak_flops
@@ -156,10 +163,34 @@ def main() -> None:
         for name in ours:
             print(f"{name} / {hf_name}: {results[name]['tokens_per_s'] / results[hf_name]['tokens_per_s']:.2f}x "
                   "tokens/s")
+    if args.matmul_share:
+        matmul_bound(runs, results, [n for n in runs if n in hf_forwards])
     print("load average after:", ", ".join(f"{v:.2f}" for v in os.getloadavg()))
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "command": command(), "results": results},
                                               indent=2))
+
+
+MATMULS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::_grouped_mm")
+
+
+def matmul_bound(runs: dict, results: dict, references: list[str], steps: int = 3) -> None:
+    """Profile `steps` steps of each side: the seconds per step in matmul kernels (self time, so a matmul's own
+    dispatch is counted once), and how fast ours could be against each reference if nothing but its matmuls took
+    time. Both sides do the same matmul FLOPs (ours without MTP), so this is the ceiling no fusion can pass."""
+    from torch.profiler import profile
+    for name, result in results.items():
+        with profile() as prof:
+            for _ in range(steps):
+                runs[name]()
+        matmul = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in MATMULS) / steps / 1e6
+        result["matmul_s"] = matmul
+        print(f"{name:>23}: matmuls {matmul:.3f} s per step ({matmul / result['median_s']:.0%} of the timed median)")
+    for ref in references:
+        for name in results:
+            if name not in references:
+                print(f"{name} / {ref}: at most {results[ref]['median_s'] / results[name]['matmul_s']:.2f}x "
+                      "were everything but its matmuls free")
 
 
 if __name__ == "__main__":
