@@ -1,11 +1,12 @@
 """Seconds per GRPO step: nanor1's `grpo()` against TRL's GRPOTrainer on the same tiny Hugging Face Llama.
 
-Both sides: chain_sum problems in the R1-Zero template, 8 prompts x G=8 = 64 completions of exactly 32 tokens
-per step (EOS suppressed), temperature 1, beta=0 (no reference model), one policy update per batch, the same
-nanor1 accuracy + format reward, bf16 autocast for training; sampling in bf16 (ours from a bf16 copy of the
-policy, TRL under accelerate's autocast); transformers' eager attention on both sides, the faster setting here.
-Everything is local (HF_HUB_OFFLINE). The sides take turns, a few
-steps each per round, in reversed order every other round, so a busy or drifting CPU slows each alike.
+Both sides: chain_sum problems in the R1-Zero template, 8 prompts x G=8 = 64 completions of exactly 32 tokens per
+step (EOS suppressed), temperature 1, beta=0 (no reference model), one policy update per batch, the same reward
+(nanor1's accuracy + format, which a random policy never earns, plus the share of digits in the completion, so that
+rewards differ within every group and both sides update on every group), bf16 autocast for training; sampling in
+bf16 (ours from a bf16 copy of the policy, TRL under accelerate's autocast); transformers' eager attention on both
+sides, the faster setting here. Everything is local (HF_HUB_OFFLINE). The sides take turns, a few steps each per
+round, in reversed order every other round, so a busy or drifting CPU slows each alike.
 --compile adds a third side: ours with the update and the sampling under torch.compile (GRPOConfig.compile); TRL
 stays eager, as is its default. --trl-compile adds TRL with its own torch_compile=True as a side too (on this CPU
 it was slower than TRL eager, so the ratios are against TRL eager). Run:
@@ -32,6 +33,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command, machine, start  # noqa: E402
 
 PROMPTS_PER_STEP, G, NEW_TOKENS, LR = 8, 8, 32, 5e-5
+
+
+def digit_share(completion: str, problem) -> float:
+    """The bench's extra reward: the share of the completion's characters that are digits."""
+    return sum(c.isdigit() for c in completion) / max(1, len(completion))
+
+
+def bench_rewards():
+    from nanor1.rewards import RewardConfig
+    return RewardConfig(user=[f"{Path(__file__).resolve()}:digit_share"])
 
 
 def make_model(folder: Path, task) -> None:
@@ -79,12 +90,12 @@ def run_ours(folder: Path, out: Path, steps: int, seed: int, rollout_dtype: str,
                      prompts_per_step=PROMPTS_PER_STEP, group_size=G, max_new_tokens=NEW_TOKENS, temperature=1.0,
                      mu=1, micro_batch=PROMPTS_PER_STEP * G, device="cpu", dtype="bfloat16", seed=seed,
                      rollout_dtype=rollout_dtype, compile=compile, progress=False, ckpt_every=10 ** 6,
-                     sample_every=10 ** 6)
+                     sample_every=10 ** 6, rewards=bench_rewards())
     cfg.optim.lr = LR
     grpo(cfg, policy=policy)
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if "step" in r]
     ends = [r["time"] for r in rows]
-    split = [{"rollout_s": r["rollout_s"], "train_s": r["train_s"]} for r in rows[1:]]
+    split = [{"rollout_s": r["rollout_s"], "train_s": r["train_s"], "update_frac": r["update_frac"]} for r in rows[1:]]
     if compile:
         print(f"ours' first policy update (compiling): {rows[0]['train_s']:.1f} s")
     return [b - a for a, b in zip(ends, ends[1:])], [r["response_len"] for r in rows], split
@@ -99,7 +110,7 @@ def run_trl(folder: Path, out: Path, steps: int, seed: int, task,
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
-    from nanor1.rewards import RewardConfig, compute_rewards
+    from nanor1.rewards import compute_rewards
     from nanor1.templates import Template, render_prompt
     problems = task.problems("train", PROMPTS_PER_STEP * (steps + 1), seed=1000 + seed)
     bos = "<|bos|>"  # TRL tokenizes text; the special-token text becomes the BOS id (checked in main)
@@ -107,7 +118,7 @@ def run_trl(folder: Path, out: Path, steps: int, seed: int, task,
                               "pid": list(range(len(problems)))})
 
     def reward(prompts, completions, pid, **_):
-        return compute_rewards(completions, [problems[i] for i in pid], task, RewardConfig())["total"]
+        return compute_rewards(completions, [problems[i] for i in pid], task, bench_rewards())["total"]
 
     ends, lengths, autocast = [], [], []
 
@@ -211,7 +222,9 @@ def main() -> None:
     for k, rows in split.items():
         print(f"{k} samples in {args.rollout_dtype}; median rollout "
               f"{statistics.median(x['rollout_s'] for x in rows):.2f} s + policy update "
-              f"{statistics.median(x['train_s'] for x in rows):.2f} s per step")
+              f"{statistics.median(x['train_s'] for x in rows):.2f} s per step; it ran "
+              f"{statistics.mean(x['update_frac'] for x in rows):.0%} of the groups (skipping none means the same "
+              "update work as TRL)")
     for k in split:
         print(f"{k} is {med['trl'] / med[k]:.2f}x faster than TRL per GRPO step")
     if "trl compiled" in med:

@@ -46,6 +46,9 @@ class GRPOConfig:
     rewards: RewardConfig = field(default_factory=RewardConfig)
     dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal (they carry no signal)
     overlong_filter: bool = False  # DAPO: no loss on truncated completions (their reward is noise)
+    # without a KL term (loss.beta = 0), groups whose advantages are all zero (equal rewards) or that have no token
+    # under the mask add exactly nothing to the loss and its gradient: the update skips their forward and backward
+    skip_zero_advantage: bool = True
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, warmup_steps=0, weight_decay=0.0,
                                                                     schedule=Schedule.CONSTANT))
     sample_every: int = 10
@@ -139,7 +142,23 @@ def rollout(policy, engine, task, problems, cfg: GRPOConfig, step: int):
 
 # ----------------------------------------------------------------------------- the loop
 
-def _logp(policy, ro: Rollouts, prompts: slice, seqs: slice, temperature, device, dtype, compile: bool):
+def update_chunks(adv: torch.Tensor, mask: torch.Tensor, group_size: int, groups_per_chunk: int,
+                  skip_silent: bool) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The update's micro-batches as (prompt indices, completion indices), whole groups each (a group's completions
+    share their prompt). `skip_silent` leaves out the groups that cannot move the loss: every advantage exactly 0
+    (all rewards equal) or no token under the mask. Without a KL term their per-token objective is exactly 0
+    (min(rho * 0, clip(rho) * 0)), so the loss, its gradient and the clip fraction are the same without them."""
+    groups = torch.arange(adv.numel() // group_size)
+    if skip_silent:
+        live = (adv.view(-1, group_size) != 0).any(1) & mask.reshape(len(groups), -1).any(1)
+        groups = groups[live]
+    rows = (groups[:, None] * group_size + torch.arange(group_size)).flatten()
+    return [(groups[i:i + groups_per_chunk], rows[i * group_size:(i + groups_per_chunk) * group_size])
+            for i in range(0, len(groups), groups_per_chunk)]
+
+
+def _logp(policy, ro: Rollouts, prompts: torch.Tensor, seqs: torch.Tensor, temperature, device, dtype,
+          compile: bool):
     """Log-probs (and logits) of the completions `seqs`, which continue `prompts`, each prompt run once."""
     lens, real = ro.prompt_lens[prompts], ro.real[seqs]
     # the chunk's widths, padded as build_batch padded the whole batch's: a few shapes recur (SHAPE_MULTIPLE)
@@ -221,9 +240,7 @@ def grpo(cfg: GRPOConfig, policy=None) -> Path:
         # one update per mu: old log-probs are the rollout policy's, recomputed in training numerics
         t1 = time.perf_counter()
         model.train()
-        per_chunk = max(1, cfg.micro_batch // G)  # whole groups: a group's completions share their prompt
-        chunks = [(slice(i, i + per_chunk), slice(i * G, (i + per_chunk) * G))
-                  for i in range(0, cfg.prompts_per_step, per_chunk)]
+        chunks = update_chunks(adv, mask, G, max(1, cfg.micro_batch // G), cfg.skip_zero_advantage and ref is None)
         old, refs = [None] * len(chunks), [None] * len(chunks)
         with torch.no_grad():
             for j, (ps, sl) in enumerate(chunks):
@@ -235,7 +252,12 @@ def grpo(cfg: GRPOConfig, policy=None) -> Path:
         for g in optimizer.param_groups:
             g["lr"] = lr
         n_tokens = int(mask.sum())
-        stats_acc: dict[str, float] = {}
+        stats_acc: dict[str, float] = {"loss": 0.0, "clip_frac": 0.0}  # what skipped groups add to each
+        if not chunks:  # the entropy is still watched (a collapsing policy): over the first group, without gradients
+            first = update_chunks(adv, mask, G, 1, skip_silent=False)[0]
+            with torch.no_grad():
+                logits = _logp(policy, ro, *first, cfg.temperature, device, dtype, cfg.compile)[1]
+            stats_acc["entropy"] = float(token_entropy(logits, mask[first[1], : logits.shape[1]].to(device)))
         for _ in range(cfg.mu):
             for j, (ps, sl) in enumerate(chunks):
                 logp, logits = _logp(policy, ro, ps, sl, cfg.temperature, device, dtype, cfg.compile)
@@ -250,9 +272,13 @@ def grpo(cfg: GRPOConfig, policy=None) -> Path:
                 for k in ("clip_frac", "kl"):
                     if k in stats:
                         stats_acc[k] = stats_acc.get(k, 0.0) + float(stats[k]) * w / cfg.mu
-                stats_acc["loss"] = stats_acc.get("loss", 0.0) + loss.item() / cfg.mu
-                if j == 0:
+                stats_acc["loss"] += loss.item() / cfg.mu
+                if j == 0:  # of the first micro-batch the update ran
                     stats_acc["entropy"] = float(token_entropy(logits.detach(), m))
+            if n_tokens and not chunks:  # every group skipped: the gradient is zero, and AdamW still steps on it
+                for p in model.parameters():
+                    if p.requires_grad:
+                        p.grad = torch.zeros_like(p)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf"))
             if not torch.isfinite(grad_norm):
                 raise NanoR1Error(f"{cfg.stage}: gradient became non-finite at step {step}; lower the learning rate")
@@ -270,7 +296,9 @@ def grpo(cfg: GRPOConfig, policy=None) -> Path:
                "response_len": sum(lens) / n_seq, "zero_std_frac": zero_frac,
                "truncated_frac": sum(c.finish_reason == "length" for c in ro.completions) / n_seq,
                "rollout_tokens_per_s": sum(lens) / t_roll,
-               "train_tokens_per_s": (int(ro.prompt_lens.sum()) + int(ro.real.sum())) / t_train,
+               "update_frac": sum(len(ps) for ps, _ in chunks) / cfg.prompts_per_step,  # groups the update ran
+               "train_tokens_per_s": sum(int(ro.prompt_lens[ps].sum()) + int(ro.real[sl].sum())
+                                         for ps, sl in chunks) / t_train,
                "rollout_s": t_roll, "train_s": t_train, **stats_acc}
         log.log(**row)
         if (step + 1) % cfg.sample_every == 0 or step == start:

@@ -84,11 +84,13 @@ def group_advantages(rewards: Tensor, group_size: int,
     (and torch.std's default) so runs compare with the reference implementation; advantages are then a constant
     sqrt((G-1)/G) times those from the population std. Returns float32 shaped like `rewards`: (B*G,) or (B, G).
     """
-    r = _grouped(rewards, group_size).float()  # (B, G)
+    # in float64, where the mean of a group of equal float32 rewards is exact: their advantages are then exactly 0
+    # (in float32 eight rewards of 0.1 gave +-7e-5), which lets the update skip such groups (nanor1/grpo.py)
+    r = _grouped(rewards, group_size).double()  # (B, G)
     adv = r - r.mean(dim=1, keepdim=True)
     if scale is AdvantageScale.GROUP_STD:
         adv = adv / (r.std(dim=1, keepdim=True, correction=1) + eps)
-    return adv.view(rewards.shape)
+    return adv.float().view(rewards.shape)
 
 
 def zero_variance_groups(rewards: Tensor, group_size: int) -> tuple[Tensor, float]:

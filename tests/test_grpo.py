@@ -7,7 +7,7 @@ import torch
 
 from nanor1.checkpoint import save_checkpoint, verify_manifest
 from nanor1.common import NanoR1Error
-from nanor1.grpo import GRPOConfig, build_batch, grpo
+from nanor1.grpo import GRPOConfig, build_batch, grpo, update_chunks
 from nanor1.engine import Completion
 from nanor1.model import ModelConfig, Transformer
 from nanor1.policy import load_policy
@@ -102,6 +102,58 @@ def test_grpo_logs_each_reward_functions_mean_and_std(base, tmp_path):
         assert r[f"reward/{spec}"] == pytest.approx(0.5)
         assert r[f"reward_std/{spec}"] == pytest.approx((8 * 0.25 / 7) ** 0.5)
         assert r["reward_std/format"] >= 0
+
+
+def test_update_chunks_skip_groups_that_cannot_move_the_loss():
+    """Whole groups per micro-batch; skipped: a group whose advantages are all zero, and one with no token under
+    the mask (here the second and the fourth of four groups of 2)."""
+    adv = torch.tensor([1.0, -1.0, 0.0, 0.0, 0.5, -0.5, 1.0, -1.0])
+    mask = torch.ones(8, 3, dtype=torch.bool)
+    mask[6:] = False
+    kept = update_chunks(adv, mask, 2, 2, skip_silent=True)
+    assert [(ps.tolist(), sl.tolist()) for ps, sl in kept] == [([0, 2], [0, 1, 4, 5])]
+    every = update_chunks(adv, mask, 2, 3, skip_silent=False)
+    assert [(ps.tolist(), sl.tolist()) for ps, sl in every] == [([0, 1, 2], [0, 1, 2, 3, 4, 5]), ([3], [6, 7])]
+    assert update_chunks(torch.zeros(8), mask, 2, 2, skip_silent=True) == []
+
+
+@pytest.mark.parametrize("micro_batch", [4, 8])
+def test_skipping_zero_advantage_groups_leaves_the_update_unchanged(tmp_path, micro_batch):
+    """A user reward that gives the first group of each step equal rewards and the second different ones, and
+    every completion of the third step the same reward: skipping those groups (the default) ends with the weights,
+    losses and clip fractions of the run that updates on every group, AdamW's momentum step on a zero gradient
+    included. micro_batch=8 puts both groups in one micro-batch when nothing is skipped, so the skipping run's
+    forwards differ in shape (float32 rounding). The model's MoE balancing bias is off here: it follows the loads
+    of the tokens the update ran, which skipping changes."""
+    from nanor1.corpus import pretrain_documents
+    from nanor1.tasks import get_task
+    from nanor1.tokenizer import train_tokenizer
+    tok = train_tokenizer(pretrain_documents(get_task("chain_sum"), 300, 0), 300, merge_across_words=True)
+    model = Transformer(ModelConfig.preset("tiny", vocab_size=tok.vocab_size, max_seq_len=320,
+                                           bias_update_speed=0.0)).init_weights(0)
+    start = save_checkpoint(tmp_path / "base", model, tokenizer=tok)
+    reward_file = tmp_path / "patterned_reward.py"
+    reward_file.write_text("calls = [0]\n\ndef pattern(completion, problem):\n"
+                           "    calls[0] += 1\n    i = (calls[0] - 1) % 24\n"
+                           "    return 0.0 if i >= 16 or i % 8 < 4 else float(i % 2)\n")
+    runs = {}
+    for skip in (True, False):
+        cfg = _cfg(start, tmp_path / f"skip{skip}", micro_batch=micro_batch, skip_zero_advantage=skip, mu=2)
+        cfg.rewards.user = [f"{reward_file}:pattern"]
+        runs[skip] = grpo(cfg), [json.loads(l) for l in (tmp_path / f"skip{skip}" / "metrics.jsonl").read_text()
+                                 .splitlines()]
+    (final_a, rows_a), (final_b, rows_b) = runs[True], runs[False]
+    assert [r["update_frac"] for r in rows_a] == [0.5, 0.5, 0.0] and [r["update_frac"] for r in rows_b] == [1.0] * 3
+    assert [r["zero_std_frac"] for r in rows_a] == [0.5, 0.5, 1.0]
+    for a, b in zip(rows_a, rows_b):
+        for key in ("loss", "clip_frac", "grad_norm", "reward_mean"):
+            assert a[key] == pytest.approx(b[key], abs=1e-6), key
+        assert a["entropy"] > 0
+    from nanor1.checkpoint import load_model
+    sa, sb = load_model(final_a).state_dict(), load_model(final_b).state_dict()
+    assert any(not torch.equal(sa[k], model.state_dict()[k]) for k in sa)  # the mixed steps moved the weights
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_grpo_resume_after_checkpoint(base, tmp_path):
