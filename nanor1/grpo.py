@@ -48,6 +48,7 @@ class GRPOConfig:
     overlong_filter: bool = False  # DAPO: no loss on truncated completions (their reward is noise)
     # without a KL term (loss.beta = 0), groups whose advantages are all zero (equal rewards) or that have no token
     # under the mask add exactly nothing to the loss and its gradient: the update skips their forward and backward
+    # (not for a nanor1 MoE policy whose balancing bias moves: that counts every token's expert; docs/grpo.md)
     skip_zero_advantage: bool = True
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5, warmup_steps=0, weight_decay=0.0,
                                                                     schedule=Schedule.CONSTANT))
@@ -207,6 +208,9 @@ def grpo(cfg: GRPOConfig, policy=None) -> Path:
     if ref is not None and resume_from is not None:
         ref.load_state_dict(load_policy(cfg.model, device).model.state_dict())
     optimizer = make_optimizer(model, cfg.optim)
+    # skipping groups is exact without a KL term, and unless a MoE balancing bias counts their tokens' experts
+    balancing = policy.kind == "nanor1" and any(m.bias_update_speed > 0 for m in model.moe_layers())
+    skip = cfg.skip_zero_advantage and ref is None and not balancing
     if resume_from is not None:
         start = int(load_train_state(resume_from, optimizer)["step"])
     G, n_seq = cfg.group_size, cfg.prompts_per_step * cfg.group_size
@@ -240,7 +244,7 @@ def grpo(cfg: GRPOConfig, policy=None) -> Path:
         # one update per mu: old log-probs are the rollout policy's, recomputed in training numerics
         t1 = time.perf_counter()
         model.train()
-        chunks = update_chunks(adv, mask, G, max(1, cfg.micro_batch // G), cfg.skip_zero_advantage and ref is None)
+        chunks = update_chunks(adv, mask, G, max(1, cfg.micro_batch // G), skip)
         old, refs = [None] * len(chunks), [None] * len(chunks)
         with torch.no_grad():
             for j, (ps, sl) in enumerate(chunks):

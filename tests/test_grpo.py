@@ -40,6 +40,9 @@ def test_grpo_runs_logs_and_saves(base, tmp_path):
                 "train_tokens_per_s"):
         assert key in rows[-1], key
     assert (tmp_path / "samples.jsonl").read_text().strip()
+    # every reward is 0 (a random policy), yet the update ran every group: this MoE policy's balancing bias counts
+    # the experts of every token (test_skipping_zero_advantage_groups_leaves_the_update_unchanged turns it off)
+    assert all(r["zero_std_frac"] == 1.0 and r["update_frac"] == 1.0 for r in rows)
 
 
 def test_grpo_time_budget_stops_the_run_and_its_bar_counts_the_steps_it_allows(base, tmp_path, capsys):
