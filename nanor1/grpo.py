@@ -258,10 +258,10 @@ def grpo(cfg: GRPOConfig, policy=None) -> Path:
         n_tokens = int(mask.sum())
         stats_acc: dict[str, float] = {"loss": 0.0, "clip_frac": 0.0}  # what skipped groups add to each
         if not chunks:  # the entropy is still watched (a collapsing policy): over the first group, without gradients
-            first = update_chunks(adv, mask, G, 1, skip_silent=False)[0]
+            first = torch.arange(G)  # the first prompt's completions
             with torch.no_grad():
-                logits = _logp(policy, ro, *first, cfg.temperature, device, dtype, cfg.compile)[1]
-            stats_acc["entropy"] = float(token_entropy(logits, mask[first[1], : logits.shape[1]].to(device)))
+                logits = _logp(policy, ro, torch.arange(1), first, cfg.temperature, device, dtype, cfg.compile)[1]
+            stats_acc["entropy"] = float(token_entropy(logits, mask[first, : logits.shape[1]].to(device)))
         for _ in range(cfg.mu):
             for j, (ps, sl) in enumerate(chunks):
                 logp, logits = _logp(policy, ro, ps, sl, cfg.temperature, device, dtype, cfg.compile)
