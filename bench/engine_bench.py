@@ -4,6 +4,8 @@ A random `speedrun`-preset model is exported to the Hugging Face DeepSeek-V3 lay
 transformers; both sides decode the same 16-token prompts greedily for exactly 128 new tokens (no EOS).
 Runs are interleaved (ours, transformers, ours in bf16, ...) so a busy CPU slows every side alike. Run:
     python bench/engine_bench.py [--batches 1,64] [--new-tokens 128] [--reps 3] [--threads N]
+--step-overhead VOCAB times only the engine's own work per decode step (sampling and bookkeeping), over a backend
+that returns fixed logits.
 """
 
 from __future__ import annotations
@@ -22,8 +24,42 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command, export_hf, machine, start  # noqa: E402
 
 
+class FixedLogits:
+    """A backend with no model: every prefill and decode returns the same logits, so timing `Engine.step()` over
+    it measures the engine's own work per step (sampling, stop checks, bookkeeping) and nothing else."""
+    continuous = True
+    max_seq_len = 1 << 30
+
+    def __init__(self, n_slots: int, vocab: int):
+        import torch
+        self.n_slots, self.logits = n_slots, torch.randn(n_slots, vocab, generator=torch.Generator().manual_seed(0))
+
+    def prefill(self, prompts, slots):
+        return self.logits[: len(prompts)]
+
+    def decode(self, tokens, slots):
+        return self.logits[: len(tokens)]
+
+    def release(self, slot):
+        pass
 
 
+def step_overhead(batches: list[int], vocab: int, steps: int = 200, reps: int = 15) -> None:
+    """Microseconds of engine work per decode step, `batches` requests sampling at temperature 1 (GRPO's case)."""
+    from nanor1.engine import Engine, SamplingParams
+    for B in batches:
+        engine = Engine(None, None, backend=FixedLogits(B, vocab))
+        for seed in range(B):
+            engine.add_request([1, 2, 3], SamplingParams(max_new_tokens=1 << 30, temperature=1.0, seed=seed))
+        engine.step()  # the prefill
+        per_step = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                engine.step()
+            per_step.append((time.perf_counter() - t0) / steps)
+        print(f"batch {B}, vocabulary {vocab}: the engine's own work takes {statistics.median(per_step) * 1e6:.0f} us "
+              f"per decode step (median of {reps} x {steps} steps)")
 
 
 def main() -> None:
@@ -35,6 +71,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--no-bf16", action="store_true", help="skip ours with the model in bfloat16")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--step-overhead", type=int, metavar="VOCAB", default=0,
+                   help="only time the engine's own work per decode step over a backend with no model, with this "
+                        "vocabulary size (the GRPO bench's tokenizer has 472)")
     args = p.parse_args()
 
     import torch
@@ -42,6 +81,8 @@ def main() -> None:
     from nanor1.model import ModelConfig, Transformer
     start(args.threads)
     batches = [int(b) for b in args.batches.split(",")]
+    if args.step_overhead:
+        return step_overhead(batches, args.step_overhead)
     T, N = args.prompt_len, args.new_tokens
     cfg = ModelConfig.preset("speedrun")
     if T + N > cfg.max_seq_len:

@@ -133,6 +133,7 @@ class _Request:
     rng: random.Random  # the request's own stream of uniforms, one per sampled token
     stop_ids: frozenset[int]
     track_text: bool
+    limit: int  # ends for length at this many generated tokens (max_new_tokens, or the context's end)
     slot: int = -1
     ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
@@ -142,33 +143,44 @@ class _Request:
     stop_logprob: float | None = None
 
 
-def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
-                  u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass
+class _Settings:
+    key: tuple[int, ...]  # the requests' ids, in row order
+    temperature: torch.Tensor
+    top_k: torch.Tensor | None  # None where no row filters (sample_tokens then skips the pass)
+    top_p: torch.Tensor | None
+
+
+def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor | None,
+                  top_p: torch.Tensor | None, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample one token per row; returns (tokens, logprobs under softmax(logits / T)).
 
-    Rows with temperature 0 are greedy. Top-k then top-p filter the distribution; the draw inverts the
-    filtered distribution's CDF at the row's uniform number u (B,) in [0, 1], which the engine takes from the
-    request's own random stream, so a row's sample does not depend on its batch-mates (and costs one random
-    number, not one per vocabulary entry as Gumbel-max would).
+    Rows with temperature 0 are greedy. Top-k then top-p filter the distribution (None: no row filters); the
+    draw inverts the filtered distribution's CDF at the row's uniform number u (B,) in [0, 1], which the engine
+    takes from the request's own random stream, so a row's sample does not depend on its batch-mates (and costs
+    one random number, not one per vocabulary entry as Gumbel-max would).
     """
     logits = logits.float()
     # the settings come from Python lists, so on the CPU; the logits may be on a GPU
-    temperature, top_k, top_p = (t.to(logits.device) for t in (temperature, top_k, top_p))
+    temperature = temperature.to(logits.device)
     greedy = temperature <= 0
-    scaled = logits / torch.where(greedy, 1.0, temperature).unsqueeze(1)
+    n_greedy = int(greedy.sum())  # one sync for the three cases: none, some or every row greedy
+    scaled = logits / (torch.where(greedy, 1.0, temperature) if n_greedy else temperature).unsqueeze(1)
     logprobs = torch.log_softmax(scaled, dim=-1)
     filtered = logprobs
     V = logits.shape[-1]
-    if bool((top_k > 0).any()):
+    if top_k is not None and bool((top_k > 0).any()):
+        top_k = top_k.to(logits.device)
         k = torch.where(top_k > 0, top_k.clamp(max=V), V)
         kth = filtered.sort(dim=-1, descending=True).values.gather(1, (k - 1).unsqueeze(1))
         filtered = filtered.masked_fill(filtered < kth, float("-inf"))
-    if bool((top_p < 1).any()):
+    if top_p is not None and bool((top_p < 1).any()):
+        top_p = top_p.to(logits.device)
         sorted_lp, order = filtered.sort(dim=-1, descending=True)
         probs = sorted_lp.softmax(-1)
         drop_sorted = (probs.cumsum(-1) - probs) > top_p.unsqueeze(1)  # keep the smallest set reaching top_p
         filtered = filtered.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
-    if bool(greedy.all()):  # no noise to draw: every row takes its argmax
+    if n_greedy == len(greedy):  # no noise to draw: every row takes its argmax
         tokens = logits.argmax(-1)
         return tokens, logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
     u = u.to(logits.device, torch.float32).unsqueeze(1)
@@ -178,7 +190,7 @@ def sample_tokens(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.
     target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
     # the first token whose CDF exceeds the target: filtered-out tokens add nothing, so they are never the first
     sampled = torch.searchsorted(cdf, target, right=True).squeeze(1)
-    tokens = torch.where(greedy, logits.argmax(-1), sampled) if bool(greedy.any()) else sampled
+    tokens = torch.where(greedy, logits.argmax(-1), sampled) if n_greedy else sampled
     return tokens, logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
 
 
@@ -194,6 +206,7 @@ class Engine:
         self._ids = itertools.count()
         self._rng = random.Random(seed)
         self._by_id: dict[int, _Request] = {}
+        self._last_settings: _Settings | None = None
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt_ids: list[int], params: SamplingParams, stream: bool = False) -> int:
@@ -208,7 +221,8 @@ class Engine:
         if self.tokenizer is not None and self.tokenizer.eos_id is not None:
             stop.add(self.tokenizer.eos_id)
         req = _Request(next(self._ids), list(prompt_ids), params, rng, frozenset(stop),
-                       track_text=stream or bool(params.stop_strings))
+                       track_text=stream or bool(params.stop_strings),
+                       limit=min(params.max_new_tokens, self.max_seq_len - len(prompt_ids)))
         self.waiting.append(req)
         self._by_id[req.id] = req
         return req.id
@@ -257,14 +271,31 @@ class Engine:
         return admitted
 
     def _accept(self, reqs: list[_Request], logits: torch.Tensor) -> list[StepOutput]:
-        p, V = [r.params for r in reqs], logits.shape[-1]  # a top_k above V keeps every token (and overflows int64)
-        tokens, logprobs = sample_tokens(
-            logits, torch.tensor([x.temperature for x in p]), torch.tensor([min(x.top_k, V) for x in p]),
-            torch.tensor([x.top_p for x in p]), torch.tensor([r.rng.random() for r in reqs]))
+        s = self._settings(reqs, logits.shape[-1])
+        tokens, logprobs = sample_tokens(logits, s.temperature, s.top_k, s.top_p,
+                                         torch.tensor([r.rng.random() for r in reqs]))
         outs = []
         for req, tok, lp in zip(reqs, tokens.tolist(), logprobs.tolist()):
-            outs.append(self._append(req, tok, lp))
+            if req.track_text or tok in req.stop_ids or len(req.ids) + 1 >= req.limit:
+                outs.append(self._append(req, tok, lp))
+            else:  # _append's common case, inlined (it runs for every row at every token): one more token
+                req.ids.append(tok)
+                req.logprobs.append(lp)
+                outs.append(StepOutput(req.id, tok, lp, "", False, None))
         return outs
+
+    def _settings(self, reqs: list[_Request], V: int) -> _Settings:
+        """The requests' sampling settings as tensors. Decode steps run the same requests until one finishes or
+        joins, so the last ones built are reused while the list is the same."""
+        key = tuple(r.id for r in reqs)
+        if self._last_settings is None or self._last_settings.key != key:
+            p = [r.params for r in reqs]
+            top_k = [min(x.top_k, V) for x in p]  # a top_k above V keeps every token (and overflows int64)
+            self._last_settings = _Settings(
+                key, torch.tensor([x.temperature for x in p]),
+                torch.tensor(top_k) if any(top_k) else None,
+                torch.tensor([x.top_p for x in p]) if any(x.top_p < 1 for x in p) else None)
+        return self._last_settings
 
     def _append(self, req: _Request, tok: int, lp: float) -> StepOutput:
         if tok in req.stop_ids:
@@ -279,7 +310,7 @@ class Engine:
             if cut >= 0:
                 req.finish_reason = "stop"
                 return self._finish(req, tok, lp, final_text=text[:cut])
-        if len(req.ids) >= req.params.max_new_tokens or len(req.prompt_ids) + len(req.ids) >= self.max_seq_len:
+        if len(req.ids) >= req.limit:
             req.finish_reason = "length"
             return self._finish(req, tok, lp)
         return StepOutput(req.id, tok, lp, self._safe_delta(req, text) if req.track_text else "", False, None)

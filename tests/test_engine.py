@@ -52,6 +52,25 @@ def test_repeated_prompts_prefill_once_and_sample_as_alone(tiny_model):
     assert all(o.ids == reference_greedy(tiny_model, p, 12) for p, o in zip(prompts, greedy))
 
 
+def test_a_request_that_joins_mid_decode_samples_with_its_own_settings(tiny_model):
+    """The engine keeps the running requests' settings as tensors while the set is unchanged: a request with
+    top_k = 1 (its argmax) joining a plain sampling one must get its own, and both sample what they sample alone."""
+    plain, top1 = SamplingParams(max_new_tokens=12, seed=3), SamplingParams(max_new_tokens=6, seed=4, top_k=1)
+    eng = Engine(tiny_model, None, max_batch=4)
+    a = eng.add_request(PROMPTS[0], plain)
+    for _ in range(3):
+        eng.step()
+    b = eng.add_request(PROMPTS[1], top1)
+    ids: dict[int, list[int]] = {a: [], b: []}
+    while eng.has_unfinished():
+        for o in eng.step():
+            if o.token_id is not None:
+                ids[o.request_id].append(o.token_id)
+    assert ids[b] == reference_greedy(tiny_model, PROMPTS[1], 6)
+    alone = Engine(tiny_model, None).generate([PROMPTS[0]], plain)[0].ids
+    assert alone[:3] + ids[a] == alone
+
+
 def test_top_k_beyond_the_vocabulary_keeps_every_token(tiny_model):
     """top_k = 10**30 (the serve fuzz test sent one) is top_k off, not an int64 overflow."""
     params = [SamplingParams(max_new_tokens=8, seed=s, top_k=k) for s, k in ((1, 0), (2, 0))]
