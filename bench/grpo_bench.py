@@ -5,12 +5,14 @@ step (EOS suppressed), temperature 1, beta=0 (no reference model), one policy up
 (nanor1's accuracy + format, which a random policy never earns, plus the share of digits in the completion, so that
 rewards differ within every group and both sides update on every group), bf16 autocast for training; sampling in
 bf16 (ours from a bf16 copy of the policy, TRL under accelerate's autocast); transformers' eager attention on both
-sides, the faster setting here. Everything is local (HF_HUB_OFFLINE). The sides take turns, a few steps each per
-round, in reversed order every other round, so a busy or drifting CPU slows each alike.
+sides, and TRL without its default gradient checkpointing: its faster settings here. Everything is local
+(HF_HUB_OFFLINE). The sides take turns, a few steps each per round, in reversed order every other round, so a busy
+or drifting CPU slows each alike; --paired instead runs each side in its own process, one step each in turn.
 --compile adds a third side: ours with the update and the sampling under torch.compile (GRPOConfig.compile); TRL
 stays eager, as is its default. --trl-compile adds TRL with its own torch_compile=True as a side too (on this CPU
 it was slower than TRL eager, so the ratios are against TRL eager). Run:
     python bench/grpo_bench.py [--rounds 2] [--steps 3] [--warmup 2] [--threads N] [--compile] [--trl-compile]
+                               [--paired]
 """
 
 from __future__ import annotations
@@ -78,9 +80,9 @@ class NoStop:
 
 
 def run_ours(folder: Path, out: Path, steps: int, seed: int, rollout_dtype: str,
-             compile: bool) -> tuple[list[float], list[float], list[dict]]:
+             compile: bool, on_step=None) -> tuple[list[float], list[float], list[dict]]:
     """`steps` GRPO steps; returns the seconds of steps 2.. (step 1 is the warm-up), mean lengths, and the
-    rollout / policy-update seconds of those steps."""
+    rollout / policy-update seconds of those steps. `on_step` is called at each step's end."""
     from nanor1.common import read_jsonl
     from nanor1.grpo import GRPOConfig, grpo
     from nanor1.policy import load_policy
@@ -92,7 +94,7 @@ def run_ours(folder: Path, out: Path, steps: int, seed: int, rollout_dtype: str,
                      rollout_dtype=rollout_dtype, compile=compile, progress=False, ckpt_every=10 ** 6,
                      sample_every=10 ** 6, rewards=bench_rewards())
     cfg.optim.lr = LR
-    grpo(cfg, policy=policy)
+    grpo(cfg, policy=policy, on_step=on_step and (lambda row: on_step()))
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if "step" in r]
     ends = [r["time"] for r in rows]
     split = [{"rollout_s": r["rollout_s"], "train_s": r["train_s"], "update_frac": r["update_frac"]} for r in rows[1:]]
@@ -102,10 +104,10 @@ def run_ours(folder: Path, out: Path, steps: int, seed: int, rollout_dtype: str,
 
 
 def run_trl(folder: Path, out: Path, steps: int, seed: int, task,
-            compile: bool = False) -> tuple[list[float], list[float], bool]:
+            compile: bool = False, on_step=None) -> tuple[list[float], list[float], bool]:
     """The same with trl.GRPOTrainer (`compile`: its torch_compile=True); step times are taken between on_step_end
-    callbacks. Also says whether accelerate wrapped the model's forward in bf16 autocast (so TRL's generate()
-    samples in bf16 too)."""
+    callbacks (which also call `on_step`). Also says whether accelerate wrapped the model's forward in bf16 autocast
+    (so TRL's generate() samples in bf16 too)."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
@@ -126,6 +128,8 @@ def run_trl(folder: Path, out: Path, steps: int, seed: int, task,
         def on_step_end(self, args, state, control, **kw):
             ends.append(time.perf_counter())
             autocast.append(hasattr(kw["model"], "_original_forward"))  # accelerate's mixed-precision wrapper
+            if on_step is not None:
+                on_step()
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "completions/mean_length" in logs:
@@ -138,7 +142,10 @@ def run_trl(folder: Path, out: Path, steps: int, seed: int, task,
         top_p=1.0, top_k=0, beta=0.0, num_iterations=1, epsilon=0.2, loss_type="grpo", scale_rewards="group",
         learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9,
         adam_beta2=0.95, max_grad_norm=1.0, logging_steps=1, save_strategy="no", disable_tqdm=True,
-        dataloader_num_workers=0, log_completions=False, torch_compile=compile)
+        dataloader_num_workers=0, log_completions=False, torch_compile=compile,
+        # TRL's default (true) recomputes the forward during the backward to save memory; off is its faster setting
+        # (1.05 against 1.25 s per step here, bench/README.md, GRPO, session 18), as nanor1 never recomputes
+        gradient_checkpointing=False)
     # transformers' eager attention, TRL's fastest setting on this CPU (1.20 against 1.41 s per step with the default
     # SDPA, bench/README.md, GRPO), as nanor1 loads Hugging Face policies on CPUs
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32, local_files_only=True,
@@ -149,6 +156,90 @@ def run_trl(folder: Path, out: Path, steps: int, seed: int, task,
     trainer.remove_callback(PrinterCallback)
     trainer.train()
     return [b - a for a, b in zip(ends, ends[1:])], lengths, all(autocast)
+
+
+def quiet() -> None:
+    """transformers', TRL's and Python's notices off: the bench prints its own lines."""
+    import logging
+    import warnings
+
+    import transformers
+    transformers.utils.logging.set_verbosity_error()
+    logging.getLogger("trl").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renamed-argument notices
+
+
+def _paired_side(me: int, sides: list[str], folder: str, out: str, n: int, rollout_dtype: str, threads: int,
+                 turn, active, cond, ready, results) -> None:
+    """One side of --paired, in its own process: after every side has started up (`ready`), it takes its n steps
+    one at a time when its turn comes. A step is timed from the moment the turn comes to the step's end; the last
+    step keeps the turn until the run returns, and the process exits only once every side is done (`ready` again),
+    so no side's teardown overlaps another's step."""
+    import torch
+    from nanor1.common import tune_cpu
+    from nanor1.tasks import get_task
+    quiet()
+    tune_cpu()
+    if threads:
+        torch.set_num_threads(threads)
+    side, task, seconds = sides[me], get_task("chain_sum"), []
+
+    def wait() -> float:
+        with cond:
+            cond.wait_for(lambda: turn.value == me)
+        return time.perf_counter()
+
+    def pass_turn(leave: bool = False) -> None:
+        with cond:
+            active[me] = not leave
+            nxt = [(me + k) % len(sides) for k in range(1, len(sides) + 1)]
+            turn.value = next((i for i in nxt if active[i]), -1)
+            cond.notify_all()
+
+    ready.wait()
+    began = [wait()]
+
+    def on_step():
+        seconds.append(time.perf_counter() - began[0])
+        if len(seconds) < n:
+            pass_turn()
+            began[0] = wait()
+    try:
+        if side.startswith("trl"):
+            res = run_trl(Path(folder), Path(out), n, 0, task, side == "trl compiled", on_step)
+        else:
+            res = run_ours(Path(folder), Path(out), n, 0, rollout_dtype, side == "ours compiled", on_step)
+        results.put((side, seconds, res, None))
+    except Exception as e:  # noqa: BLE001 (reported by the parent)
+        results.put((side, seconds, None, f"{type(e).__name__}: {e}"))
+    finally:
+        pass_turn(leave=True)
+        ready.wait()
+
+
+def run_paired(sides: tuple[str, ...], folder: Path, d: str, n: int, args) -> dict[str, tuple]:
+    """Every side in its own process (a process per side, as in a normal run: OpenMP's thread team belongs to the
+    thread that starts it, and a side run from a second thread of one process measured 1.2-1.6x slower), taking one
+    GRPO step each in turn, so consecutive steps of different sides see the same phase of a machine whose speed
+    drifts (this one's by 20-50% within tens of seconds). Returns each side's (step seconds, run's return)."""
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")  # a fork would inherit this process's OpenMP threads
+    turn, active = ctx.Value("i", 0), ctx.Array("b", [1] * len(sides))
+    cond, ready, results = ctx.Condition(), ctx.Barrier(len(sides)), ctx.Queue()
+    procs = [ctx.Process(target=_paired_side, args=(i, list(sides), str(folder), str(Path(d) / f"paired{i}"), n,
+                                                    args.rollout_dtype, args.threads, turn, active, cond, ready,
+                                                    results)) for i in range(len(sides))]
+    for p in procs:
+        p.start()
+    out = {}
+    for _ in procs:
+        side, seconds, res, error = results.get()
+        if error:
+            raise SystemExit(f"--paired: {side} failed: {error}")
+        out[side] = (seconds, res)
+    for p in procs:
+        p.join()
+    return out
 
 
 def main() -> None:
@@ -164,22 +255,20 @@ def main() -> None:
                    help="also run ours with GRPOConfig.compile (the update and the sampling under torch.compile; "
                         "it compiles in its first, untimed steps). TRL stays eager, as its default")
     p.add_argument("--trl-compile", action="store_true", help="also run TRL with its torch_compile=True")
+    p.add_argument("--paired", action="store_true",
+                   help="instead of turns of --steps steps, run every side at once in its own process, one step each "
+                        "in turn (--rounds x --steps timed steps per side after --warmup), and also print the "
+                        "median of TRL's step over ours in each such cycle")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args()
 
-    import logging
-    import warnings
-
     import torch
-    import transformers
     from nanor1.tasks import get_task
     from nanor1.templates import Template, render_prompt
     from nanor1.tokenizer import encode_prompt, load_tokenizer
     if args.threads:
         torch.set_num_threads(args.threads)
-    transformers.utils.logging.set_verbosity_error()
-    logging.getLogger("trl").setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renamed-argument notices
+    quiet()
     start(0)  # threads were set above, before transformers was configured
     task = get_task("chain_sum")
     with tempfile.TemporaryDirectory() as d:
@@ -198,7 +287,14 @@ def main() -> None:
         times: dict[str, list[float]] = {side: [] for side in sides}
         lengths: dict[str, list[float]] = {side: [] for side in sides}
         split: dict[str, list[dict]] = {side: [] for side in sides if not side.startswith("trl")}
-        for r in range(args.rounds):
+        if args.paired:
+            paired = run_paired(sides, folder, d, args.warmup + args.rounds * args.steps, args)
+            for side, (seconds, res) in paired.items():
+                times[side], lengths[side] = seconds[args.warmup:], res[1]
+                if side in split:
+                    split[side] = res[2][args.warmup - 1:]  # its list starts at step 2
+                print(f"{side:>13}: steps {[round(t, 2) for t in times[side]]} s", flush=True)
+        for r in range(0 if args.paired else args.rounds):
             for side in sides if r % 2 == 0 else sides[::-1]:  # alternating order: a drifting CPU slows each alike
                 out = Path(d) / f"{side}{r}".replace(" ", "_")
                 t0 = time.perf_counter()
@@ -225,15 +321,21 @@ def main() -> None:
               f"{statistics.median(x['train_s'] for x in rows):.2f} s per step; it ran "
               f"{statistics.mean(x['update_frac'] for x in rows):.0%} of the groups (skipping none means the same "
               "update work as TRL)")
-    for k in split:
+    for k in (k for k in times if not k.startswith("trl")):
         print(f"{k} is {med['trl'] / med[k]:.2f}x faster than TRL per GRPO step")
+        if args.paired:
+            cycle = sorted(t / o for t, o in zip(times["trl"], times[k]))
+            q = statistics.quantiles(cycle, n=4)
+            print(f"{k}: TRL's step over ours in each cycle, median {statistics.median(cycle):.2f}x "
+                  f"(quartiles {q[0]:.2f}-{q[2]:.2f}x, {sum(c >= 3 for c in cycle)} of {len(cycle)} cycles >= 3x)")
     if "trl compiled" in med:
         print(f"TRL compiled takes {med['trl compiled'] / med['trl']:.2f}x TRL eager's time per step")
     print("load average after:", ", ".join(f"{x:.2f}" for x in os.getloadavg()))
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "command": command(), "seconds": times,
                                                "median_s": med, "mean_length": mean_len,
-                                               "speedup": {k: med["trl"] / med[k] for k in split}}, indent=2))
+                                               "speedup": {k: med["trl"] / med[k] for k in times
+                                                           if not k.startswith("trl")}}, indent=2))
 
 
 if __name__ == "__main__":

@@ -186,8 +186,9 @@ def _sync(sampling_copy: torch.nn.Module, model: torch.nn.Module) -> None:
         mine.copy_(theirs)
 
 
-def grpo(cfg: GRPOConfig, policy=None) -> Path:
-    """Run GRPO from `cfg.model` (or an in-memory Policy); returns the final policy's folder."""
+def grpo(cfg: GRPOConfig, policy=None, on_step=None) -> Path:
+    """Run GRPO from `cfg.model` (or an in-memory Policy); returns the final policy's folder. `on_step`, if given,
+    is called with each step's metrics row once it is logged (bench/grpo_bench.py times steps with it)."""
     from nanor1.policy import COMPILE_REFUSED, load_policy
     from nanor1.tasks import get_task
     out_dir, device, dtype = start_run(cfg)
@@ -305,6 +306,8 @@ def grpo(cfg: GRPOConfig, policy=None) -> Path:
                                          for ps, sl in chunks) / t_train,
                "rollout_s": t_roll, "train_s": t_train, **stats_acc}
         log.log(**row)
+        if on_step is not None:
+            on_step(row)
         if (step + 1) % cfg.sample_every == 0 or step == start:
             for i in range(0, n_seq, G)[:4]:
                 samples.log(stage=cfg.stage, step=step + 1, prompt=problems[i // G].question,

@@ -31,10 +31,12 @@ def _cfg(base, out, **kw):
 
 
 def test_grpo_runs_logs_and_saves(base, tmp_path):
-    final = grpo(_cfg(base, tmp_path))
+    seen = []  # on_step gets each step's row as logged (bench/grpo_bench.py times steps with it)
+    final = grpo(_cfg(base, tmp_path), on_step=seen.append)
     assert verify_manifest(final)["kind"] == "grpo"
     rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["step"] for r in seen] == [1, 2, 3] and seen[-1]["reward_mean"] == rows[-1]["reward_mean"]
     for key in ("reward_mean", "reward/accuracy", "reward/format", "reward_std/accuracy", "reward_std/format",
                 "accuracy", "response_len", "clip_frac", "entropy", "zero_std_frac", "rollout_tokens_per_s",
                 "train_tokens_per_s"):
