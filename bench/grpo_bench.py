@@ -94,7 +94,7 @@ def run_ours(folder: Path, out: Path, steps: int, seed: int, rollout_dtype: str,
                      rollout_dtype=rollout_dtype, compile=compile, progress=False, ckpt_every=10 ** 6,
                      sample_every=10 ** 6, rewards=bench_rewards())
     cfg.optim.lr = LR
-    grpo(cfg, policy=policy, on_step=on_step and (lambda row: on_step()))
+    grpo(cfg, policy=policy, on_step=(lambda row: on_step()) if on_step else None)
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if "step" in r]
     ends = [r["time"] for r in rows]
     split = [{"rollout_s": r["rollout_s"], "train_s": r["train_s"], "update_frac": r["update_frac"]} for r in rows[1:]]
@@ -174,15 +174,10 @@ def _paired_side(me: int, sides: list[str], folder: str, out: str, n: int, rollo
     """One side of --paired, in its own process: after every side has started up (`ready`), it takes its n steps
     one at a time when its turn comes. A step is timed from the moment the turn comes to the step's end; the last
     step keeps the turn until the run returns, and the process exits only once every side is done (`ready` again),
-    so no side's teardown overlaps another's step."""
-    import torch
-    from nanor1.common import tune_cpu
-    from nanor1.tasks import get_task
-    quiet()
-    tune_cpu()
-    if threads:
-        torch.set_num_threads(threads)
-    side, task, seconds = sides[me], get_task("chain_sum"), []
+    so no side's teardown overlaps another's step. A side that fails breaks `ready`, so no other waits for it."""
+    import threading
+
+    side, seconds, res, error = sides[me], [], None, None
 
     def wait() -> float:
         with cond:
@@ -196,25 +191,37 @@ def _paired_side(me: int, sides: list[str], folder: str, out: str, n: int, rollo
             turn.value = next((i for i in nxt if active[i]), -1)
             cond.notify_all()
 
-    ready.wait()
-    began = [wait()]
-
-    def on_step():
-        seconds.append(time.perf_counter() - began[0])
-        if len(seconds) < n:
-            pass_turn()
-            began[0] = wait()
     try:
+        import torch
+        from nanor1.common import tune_cpu
+        from nanor1.tasks import get_task
+        quiet()
+        tune_cpu()
+        if threads:
+            torch.set_num_threads(threads)
+        task = get_task("chain_sum")
+        ready.wait()
+        began = [wait()]
+
+        def on_step():
+            seconds.append(time.perf_counter() - began[0])
+            if len(seconds) < n:
+                pass_turn()
+                began[0] = wait()
         if side.startswith("trl"):
             res = run_trl(Path(folder), Path(out), n, 0, task, side == "trl compiled", on_step)
         else:
             res = run_ours(Path(folder), Path(out), n, 0, rollout_dtype, side == "ours compiled", on_step)
-        results.put((side, seconds, res, None))
     except Exception as e:  # noqa: BLE001 (reported by the parent)
-        results.put((side, seconds, None, f"{type(e).__name__}: {e}"))
+        error = f"{type(e).__name__}: {e}"
+        ready.abort()
     finally:
         pass_turn(leave=True)
+    results.put((side, seconds, res, error))
+    try:
         ready.wait()
+    except threading.BrokenBarrierError:  # a side failed; the parent reports it
+        pass
 
 
 def run_paired(sides: tuple[str, ...], folder: Path, d: str, n: int, args) -> dict[str, tuple]:
@@ -231,15 +238,14 @@ def run_paired(sides: tuple[str, ...], folder: Path, d: str, n: int, args) -> di
                                                     results)) for i in range(len(sides))]
     for p in procs:
         p.start()
-    out = {}
-    for _ in procs:
-        side, seconds, res, error = results.get()
-        if error:
-            raise SystemExit(f"--paired: {side} failed: {error}")
-        out[side] = (seconds, res)
+    got = [results.get() for _ in procs]
     for p in procs:
         p.join()
-    return out
+    # a side that failed broke the barrier of the others: name the first failure that is not that
+    errors = sorted((error.startswith("BrokenBarrierError"), side, error) for side, _, _, error in got if error)
+    if errors:
+        raise SystemExit(f"--paired: {errors[0][1]} failed: {errors[0][2]}")
+    return {side: (seconds, res) for side, seconds, res, _ in got}
 
 
 def main() -> None:
@@ -321,7 +327,8 @@ def main() -> None:
               f"{statistics.median(x['train_s'] for x in rows):.2f} s per step; it ran "
               f"{statistics.mean(x['update_frac'] for x in rows):.0%} of the groups (skipping none means the same "
               "update work as TRL)")
-    for k in (k for k in times if not k.startswith("trl")):
+    ours_sides = [k for k in times if not k.startswith("trl")]
+    for k in ours_sides:
         print(f"{k} is {med['trl'] / med[k]:.2f}x faster than TRL per GRPO step")
         if args.paired:
             cycle = sorted(t / o for t, o in zip(times["trl"], times[k]))
@@ -334,8 +341,7 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "command": command(), "seconds": times,
                                                "median_s": med, "mean_length": mean_len,
-                                               "speedup": {k: med["trl"] / med[k] for k in times
-                                                           if not k.startswith("trl")}}, indent=2))
+                                               "speedup": {k: med["trl"] / med[k] for k in ours_sides}}, indent=2))
 
 
 if __name__ == "__main__":
