@@ -25,6 +25,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import queue  # noqa: E402
 import statistics  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
@@ -238,7 +239,16 @@ def run_paired(sides: tuple[str, ...], folder: Path, d: str, n: int, args) -> di
                                                     results)) for i in range(len(sides))]
     for p in procs:
         p.start()
-    got = [results.get() for _ in procs]
+    got = []
+    while len(got) < len(procs):
+        try:
+            got.append(results.get(timeout=5))
+        except queue.Empty:  # a side whose process died says nothing, and the others would wait for it forever
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                for p in procs:
+                    p.terminate()
+                raise SystemExit(f"--paired: a side's process died (exit code {dead[0]})") from None
     for p in procs:
         p.join()
     # a side that failed broke the barrier of the others: name the first failure that is not that
