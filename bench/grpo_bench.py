@@ -9,10 +9,12 @@ sides, and TRL without its default gradient checkpointing: its faster settings h
 (HF_HUB_OFFLINE). The sides take turns, a few steps each per round, in reversed order every other round, so a busy
 or drifting CPU slows each alike; --paired instead runs each side in its own process, one step each in turn.
 --compile adds a third side: ours with the update and the sampling under torch.compile (GRPOConfig.compile); TRL
-stays eager, as is its default. --trl-compile adds TRL with its own torch_compile=True as a side too (on this CPU
-it was slower than TRL eager, so the ratios are against TRL eager). Run:
-    python bench/grpo_bench.py [--rounds 2] [--steps 3] [--warmup 2] [--threads N] [--compile] [--trl-compile]
-                               [--paired]
+stays eager, as is its default. --no-replay adds ours compiled with GRPOConfig.replay_gib=0 (the update computes
+its forward's matmuls again instead of taking the rollout's, nanor1/replay.py). --trl-compile adds TRL with its own
+torch_compile=True as a side too (on this CPU it was slower than TRL eager, so the ratios are against TRL eager).
+Run:
+    python bench/grpo_bench.py [--rounds 2] [--steps 3] [--warmup 2] [--threads N] [--compile] [--no-replay]
+                               [--trl-compile] [--paired]
 """
 
 from __future__ import annotations
@@ -81,9 +83,10 @@ class NoStop:
 
 
 def run_ours(folder: Path, out: Path, steps: int, seed: int, rollout_dtype: str,
-             compile: bool, on_step=None) -> tuple[list[float], list[float], list[dict]]:
-    """`steps` GRPO steps; returns the seconds of steps 2.. (step 1 is the warm-up), mean lengths, and the
-    rollout / policy-update seconds of those steps. `on_step` is called at each step's end."""
+             side: str, on_step=None) -> tuple[list[float], list[float], list[dict]]:
+    """`steps` GRPO steps of one of our sides ("ours", "ours compiled", "ours compiled, no replay"); returns the
+    seconds of steps 2.. (step 1 is the warm-up), mean lengths, and the rollout / policy-update seconds of those
+    steps. `on_step` is called at each step's end."""
     from nanor1.common import read_jsonl
     from nanor1.grpo import GRPOConfig, grpo
     from nanor1.policy import load_policy
@@ -92,14 +95,14 @@ def run_ours(folder: Path, out: Path, steps: int, seed: int, rollout_dtype: str,
     cfg = GRPOConfig(model=str(folder), out_dir=str(out), task="chain_sum", steps=steps,
                      prompts_per_step=PROMPTS_PER_STEP, group_size=G, max_new_tokens=NEW_TOKENS, temperature=1.0,
                      mu=1, micro_batch=PROMPTS_PER_STEP * G, device="cpu", dtype="bfloat16", seed=seed,
-                     rollout_dtype=rollout_dtype, compile=compile, progress=False, ckpt_every=10 ** 6,
-                     sample_every=10 ** 6, rewards=bench_rewards())
+                     rollout_dtype=rollout_dtype, compile="compiled" in side, progress=False, ckpt_every=10 ** 6,
+                     sample_every=10 ** 6, rewards=bench_rewards(), replay_gib=0 if "no replay" in side else 2.0)
     cfg.optim.lr = LR
     grpo(cfg, policy=policy, on_step=(lambda row: on_step()) if on_step else None)
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if "step" in r]
     ends = [r["time"] for r in rows]
     split = [{"rollout_s": r["rollout_s"], "train_s": r["train_s"], "update_frac": r["update_frac"]} for r in rows[1:]]
-    if compile:
+    if "compiled" in side:
         print(f"ours' first policy update (compiling): {rows[0]['train_s']:.1f} s")
     return [b - a for a, b in zip(ends, ends[1:])], [r["response_len"] for r in rows], split
 
@@ -212,7 +215,7 @@ def _paired_side(me: int, sides: list[str], folder: str, out: str, n: int, rollo
         if side.startswith("trl"):
             res = run_trl(Path(folder), Path(out), n, 0, task, side == "trl compiled", on_step)
         else:
-            res = run_ours(Path(folder), Path(out), n, 0, rollout_dtype, side == "ours compiled", on_step)
+            res = run_ours(Path(folder), Path(out), n, 0, rollout_dtype, side, on_step)
     except Exception as e:  # noqa: BLE001 (reported by the parent)
         error = f"{type(e).__name__}: {e}"
         ready.abort()
@@ -270,6 +273,8 @@ def main() -> None:
     p.add_argument("--compile", action="store_true",
                    help="also run ours with GRPOConfig.compile (the update and the sampling under torch.compile; "
                         "it compiles in its first, untimed steps). TRL stays eager, as its default")
+    p.add_argument("--no-replay", action="store_true",
+                   help="also run ours compiled with replay_gib=0 (its first update recomputes the forward)")
     p.add_argument("--trl-compile", action="store_true", help="also run TRL with its torch_compile=True")
     p.add_argument("--paired", action="store_true",
                    help="instead of turns of --steps steps, run every side at once in its own process, one step each "
@@ -299,7 +304,7 @@ def main() -> None:
         print(f"model: Llama 256 x 4 layers, vocab {tok.vocab_size}, prompt {len(hf_ids)} tokens; "
               f"{PROMPTS_PER_STEP} prompts x G={G}, {NEW_TOKENS} new tokens")
         sides = ("ours", "trl") + (("ours compiled",) if args.compile else ()) + \
-            (("trl compiled",) if args.trl_compile else ())
+            (("ours compiled, no replay",) if args.no_replay else ()) + (("trl compiled",) if args.trl_compile else ())
         times: dict[str, list[float]] = {side: [] for side in sides}
         lengths: dict[str, list[float]] = {side: [] for side in sides}
         split: dict[str, list[dict]] = {side: [] for side in sides if not side.startswith("trl")}
@@ -319,7 +324,7 @@ def main() -> None:
                     ts, ls, trl_autocast = run_trl(folder, out, n, r, task, side == "trl compiled")
                     print(f"TRL's model forward runs under bf16 autocast (sampling included): {trl_autocast}")
                 else:
-                    ts, ls, sp = run_ours(folder, out, n, r, args.rollout_dtype, side == "ours compiled")
+                    ts, ls, sp = run_ours(folder, out, n, r, args.rollout_dtype, side)
                     split[side] += sp[skip:]
                 ts = ts[skip:]
                 times[side] += ts

@@ -164,15 +164,14 @@ def compiled(fn):
     graph, the fastest; the first call with other sizes marks every dimension of its tensor arguments symbolic,
     so one more graph serves every later size. Left to itself Dynamo recompiles at the first change of each
     dimension: GRPO's prompt width, completion width and rows changing cost three recompilations of 1.5-2.5 min
-    each on 2 CPU cores (measured on a nanor1 model's update, before GRPO refused to compile those)."""
-    graph, first = torch.compile(fn), []
+    each on 2 CPU cores (measured on a nanor1 model's update, before GRPO refused to compile those). Calls with
+    another number of tensors (an optional tuple given or not) are other graphs, each with its own first sizes."""
+    graph, first = torch.compile(fn), {}
 
     def call(*args):
         tensors = [t for a in args for t in (a if isinstance(a, tuple) else (a,)) if isinstance(t, torch.Tensor)]
         sizes = [t.shape for t in tensors]
-        if not first:
-            first.append(sizes)
-        elif sizes != first[0]:
+        if first.setdefault(len(sizes), sizes) != sizes:
             for t in tensors:
                 for dim in range(t.dim()):
                     torch._dynamo.maybe_mark_dynamic(t, dim)

@@ -91,6 +91,7 @@ class ModelBackend:
         self.max_seq_len = min(max_seq_len or model.max_seq_len, model.max_seq_len)
         self.device = next(model.parameters()).device
         self.cache = model.new_cache(n_slots, self.max_seq_len)
+        self.recording = None  # a nanor1.replay.Recording to fill (a FastLlama model only), or None
 
     def _slots(self, slots: list[int]):
         # a contiguous run of slots is a view of the cache; anything else is gathered
@@ -107,7 +108,8 @@ class ModelBackend:
         for i, p in enumerate(distinct):
             idx[i, : len(p)] = torch.tensor(p)
         last = torch.tensor([len(p) - 1 for p in distinct], device=self.device)
-        logits = self.model.prefill(idx.to(self.device), self.cache, self._slots(first), last)
+        logits = self._run(self.model.prefill, (idx.to(self.device), self.cache, self._slots(first), last),
+                           lambda outputs: self.recording.add_prefill(slots, inverse, outputs))
         slot_t, src = torch.tensor(slots, device=self.device), torch.tensor(first, device=self.device)[inverse]
         if len(distinct) < len(prompts):  # the repeats copy the cache rows of their prompt's first row
             self.cache.copy_rows(src, slot_t, T)
@@ -117,12 +119,22 @@ class ModelBackend:
     def decode(self, tokens: torch.Tensor, slots: list[int]) -> torch.Tensor:
         slot_t = torch.tensor(slots, device=self.device)
         positions = self.cache.lengths[slot_t]
-        logits = self.model.decode(tokens.to(self.device), self.cache, self._slots(slots), positions)
+        logits = self._run(self.model.decode, (tokens.to(self.device), self.cache, self._slots(slots), positions),
+                           lambda outputs: self.recording.add_decode(slots, outputs))
         self.cache.lengths[slot_t] += 1
         return logits
 
     def release(self, slot: int) -> None:
         self.cache.lengths[slot] = 0
+
+    def _run(self, forward, args: tuple, add) -> torch.Tensor:
+        """forward(*args); while recording, its matmul outputs go to `add`."""
+        if self.recording is None:
+            return forward(*args)
+        outputs: list[torch.Tensor] = []
+        logits = forward(*args, record=outputs)
+        add(outputs)
+        return logits
 
 
 @dataclass

@@ -20,6 +20,7 @@ from nanor1.common import SHAPE_MULTIPLE, JsonlLogger, NanoR1Error, autocast, pr
 from nanor1.config import to_dict
 from nanor1.engine import Completion, SamplingParams
 from nanor1.metrics import MetricsSink, TrackingConfig
+from nanor1.replay import Recording, bytes_per_token
 from nanor1.rewards import RewardConfig, compute_rewards
 from nanor1.rl import GRPOLossConfig, gather_logprobs, group_advantages, policy_loss, token_entropy, \
     zero_variance_groups
@@ -66,6 +67,10 @@ class GRPOConfig:
     # under torch.compile: 1.2-1.4x faster updates and ~1.1-1.3x faster rollouts on this CPU after ~1-2 min of
     # compiling in the first steps, so it pays only in long runs; nanor1 policies refuse it (docs/grpo.md)
     compile: bool = False
+    # the first of the mu updates takes its forward's matmul outputs from the rollout, which computed the same
+    # ones, instead of computing them again (a Llama-family policy; nanor1/replay.py), when they take at most
+    # this many GiB (0: never): a third of that update's matmuls saved
+    replay_gib: float = 2.0
     resume: bool = False
     progress: bool = True
     stage: str = "grpo"
@@ -101,6 +106,7 @@ class Rollouts:
     real: torch.Tensor  # (N, C) True on real tokens
     rewards: dict[str, list[float]]
     completions: list[Completion]
+    recording: Recording | None = None  # the rollout's matmul outputs, for the first update to replay
 
 
 def build_batch(prompts: list[list[int]], comps: list[Completion], pad_id: int, overlong_filter: bool,
@@ -121,7 +127,9 @@ def build_batch(prompts: list[list[int]], comps: list[Completion], pad_id: int, 
     return prompt_ids, torch.tensor([len(p) for p in prompts]), targets, real & ~drop[:, None], real
 
 
-def rollout(policy, engine, task, problems, cfg: GRPOConfig, step: int):
+def rollout(policy, engine, task, problems, cfg: GRPOConfig, step: int, record: bool = False):
+    """Sample G completions per problem and score them. `record`: the engine (its backend a FastLlama, see
+    `Policy.replays`) also records its matmul outputs, if they fit in cfg.replay_gib."""
     from nanor1.tokenizer import encode_prompt
     tok = policy.tokenizer
     prompts = [encode_prompt(tok, render_prompt(p.question, cfg.template, tok)) for p in problems]
@@ -133,12 +141,20 @@ def rollout(policy, engine, task, problems, cfg: GRPOConfig, step: int):
     prompts_g = [p for p in prompts for _ in range(G)]  # the engine samples each row; the update shares prompts
     params = [SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                              seed=hash((cfg.seed, step, i)) & (2 ** 62 - 1)) for i in range(len(prompts_g))]
-    comps = engine.generate(prompts_g, params)
+    recording = None
+    if record and bytes_per_token(engine.backend.model.hf) * (len(prompts) * round_up(longest) + len(
+            prompts_g) * cfg.max_new_tokens) <= cfg.replay_gib * 2 ** 30:
+        recording = engine.backend.recording = Recording()
+    try:
+        comps = engine.generate(prompts_g, params)
+    finally:
+        if recording is not None:
+            engine.backend.recording = None
     problems_g = [p for p in problems for _ in range(G)]
     rewards = compute_rewards([c.text for c in comps], problems_g, task, cfg.rewards,
                               n_tokens=[len(c.ids) for c in comps])
     return Rollouts(*build_batch(prompts, comps, tok.pad_id or 0, cfg.overlong_filter, SHAPE_MULTIPLE), rewards,
-                    comps)
+                    comps, recording if recording is not None and recording.complete else None)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -159,16 +175,22 @@ def update_chunks(adv: torch.Tensor, mask: torch.Tensor, group_size: int, groups
 
 
 def _logp(policy, ro: Rollouts, prompts: torch.Tensor, seqs: torch.Tensor, temperature, device, dtype,
-          compile: bool):
-    """Log-probs (and logits) of the completions `seqs`, which continue `prompts`, each prompt run once."""
+          compile: bool, replay: bool = False):
+    """Log-probs (and logits) of the completions `seqs`, which continue `prompts`, each prompt run once.
+    `replay`: the forward's matmul outputs come from the rollout's recording."""
     lens, real = ro.prompt_lens[prompts], ro.real[seqs]
     # the chunk's widths, padded as build_batch padded the whole batch's: a few shapes recur (SHAPE_MULTIPLE)
     C = min(round_up(max(1, int(real.sum(1).max()))), ro.targets.shape[1])
     P = min(round_up(int(lens.max())), ro.prompts.shape[1])
     y = ro.targets[seqs, :C].to(device)
+    recorded = None
+    if replay:
+        G = len(ro.completions) // len(ro.prompt_lens)
+        recorded = ro.recording.replay(prompts * G, seqs, P, (lens - 1).to(device), C - 1,
+                                       len(policy.model.model.layers))
     with autocast(device, dtype):
         logits = policy.continuation_logits(ro.prompts[prompts, :P].to(device), lens.to(device),
-                                            y[:, :-1], real[:, : C - 1].to(device), compile)
+                                            y[:, :-1], real[:, : C - 1].to(device), compile, recorded)
     return gather_logprobs(logits, y, temperature=temperature), logits
 
 
@@ -217,6 +239,7 @@ def grpo(cfg: GRPOConfig, policy=None, on_step=None) -> Path:
     G, n_seq = cfg.group_size, cfg.prompts_per_step * cfg.group_size
     sampler = _sampler(policy, resolve_dtype(cfg.rollout_dtype))
     engine = sampler.engine(max_batch=n_seq, seed=cfg.seed, compile=cfg.compile)
+    replays = cfg.replay_gib > 0 and policy.replays(engine, sampler.max_seq_len)
     log = MetricsSink(out_dir, cfg.tracking, name=cfg.stage, config=to_dict(cfg))
     samples = JsonlLogger(out_dir / "samples.jsonl")
     ckpt_kwargs = dict(kind=cfg.stage, run_config=to_dict(cfg), parent=cfg.model, seeds={"seed": cfg.seed})
@@ -234,7 +257,7 @@ def grpo(cfg: GRPOConfig, policy=None, on_step=None) -> Path:
         model.eval()
         if sampler is not policy:
             _sync(sampler.model, model)
-        ro = rollout(policy, engine, task, problems, cfg, step)
+        ro = rollout(policy, engine, task, problems, cfg, step, record=replays)
         t_roll = time.perf_counter() - t0
         total = torch.tensor(ro.rewards["total"])
         adv = group_advantages(total, G, cfg.loss.adv_scale).flatten()
@@ -242,14 +265,16 @@ def grpo(cfg: GRPOConfig, policy=None, on_step=None) -> Path:
         mask = ro.mask.clone()
         if cfg.dynamic_sampling:
             mask &= ~flat.repeat_interleave(G)[:, None]
-        # one update per mu: old log-probs are the rollout policy's, recomputed in training numerics
+        # one update per mu: old log-probs are the rollout policy's, recomputed in training numerics, or the first
+        # update's own when it replays the rollout's forward
+        replay = ro.recording is not None
         t1 = time.perf_counter()
         model.train()
         chunks = update_chunks(adv, mask, G, max(1, cfg.micro_batch // G), skip)
         old, refs = [None] * len(chunks), [None] * len(chunks)
         with torch.no_grad():
             for j, (ps, sl) in enumerate(chunks):
-                if cfg.mu > 1:
+                if cfg.mu > 1 and not replay:
                     old[j] = _logp(policy, ro, ps, sl, cfg.temperature, device, dtype, cfg.compile)[0]
                 if ref is not None:
                     refs[j] = _logp(ref_policy, ro, ps, sl, cfg.temperature, device, dtype, cfg.compile)[0]
@@ -263,9 +288,12 @@ def grpo(cfg: GRPOConfig, policy=None, on_step=None) -> Path:
             with torch.no_grad():
                 logits = _logp(policy, ro, torch.arange(1), first, cfg.temperature, device, dtype, cfg.compile)[1]
             stats_acc["entropy"] = float(token_entropy(logits, mask[first, : logits.shape[1]].to(device)))
-        for _ in range(cfg.mu):
+        for it in range(cfg.mu):
             for j, (ps, sl) in enumerate(chunks):
-                logp, logits = _logp(policy, ro, ps, sl, cfg.temperature, device, dtype, cfg.compile)
+                logp, logits = _logp(policy, ro, ps, sl, cfg.temperature, device, dtype, cfg.compile,
+                                     replay and it == 0)
+                if replay and it == 0 and cfg.mu > 1:
+                    old[j] = logp.detach()
                 m = mask[sl, : logp.shape[1]].to(device)
                 loss, stats = policy_loss(logp, old[j] if old[j] is not None else logp.detach(), adv[sl].to(device),
                                           m, eps_low=cfg.loss.eps_low, eps_high=cfg.loss.eps_high, ref_logp=refs[j],
@@ -289,6 +317,7 @@ def grpo(cfg: GRPOConfig, policy=None, on_step=None) -> Path:
                 raise NanoR1Error(f"{cfg.stage}: gradient became non-finite at step {step}; lower the learning rate")
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+        ro.recording = None  # replayed: free it before the next rollout records
         if policy.kind == "nanor1":
             model.update_moe_bias()
         t_train = time.perf_counter() - t1

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from nanor1.common import compiled, linear, pack_frozen, round_up, version_key
 from nanor1.model.mla import causal_attention_cpu, continuation_keep, masked_attention
+from nanor1.replay import replay_linear
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 _BLOCK = 16  # cache positions are added this many at a time
@@ -145,10 +146,11 @@ class FastLlama(torch.nn.Module):
         return LlamaCache(len(self.hf.model.layers), n_slots, self.n_kv, self.head_dim,
                           min(max_len or self.max_seq_len, self.max_seq_len), w.dtype, w.device)
 
-    def _qkv(self, layer: _Layer, x: torch.Tensor, cos, sin):
-        """Projected, normalised and rotated q (B, H, T, D), k and v (B, KV, T, D)."""
+    def _qkv(self, layer: _Layer, x: torch.Tensor, cos, sin, record=None, replay=None):
+        """Projected, normalised and rotated q (B, H, T, D), k and v (B, KV, T, D). `record` and `replay`, here
+        and below: see `_linear`."""
         B, T, _ = x.shape
-        qkv = linear(_norm(layer.norm1, x), layer.qkv, layer.qkv_bias).view(B, T, -1, self.head_dim)
+        qkv = _linear(_norm(layer.norm1, x), layer.qkv, layer.qkv_bias, record, replay).view(B, T, -1, self.head_dim)
         qk, v = qkv.split((self.n_heads + self.n_kv, self.n_kv), dim=2)
         if layer.q_norm is not None:
             q, k = qk.split((self.n_heads, self.n_kv), dim=2)
@@ -156,70 +158,76 @@ class FastLlama(torch.nn.Module):
         q, k = _rope(qk.transpose(1, 2), cos, sin).split((self.n_heads, self.n_kv), dim=1)  # one rotation for both
         return q, k, v.transpose(1, 2)
 
-    def _finish(self, layer: _Layer, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    def _finish(self, layer: _Layer, x: torch.Tensor, attn: torch.Tensor, record=None, replay=None) -> torch.Tensor:
         """Residual output projection, then the SwiGLU MLP; attn: (B, T, H * D)."""
-        x = x + linear(attn, layer.o, layer.o_bias)
-        gate, up = linear(_norm(layer.norm2, x), layer.gate_up).chunk(2, dim=-1)
-        return x + linear(F.silu(gate) * up, layer.down)
+        x = x + _linear(attn, layer.o, layer.o_bias, record, replay)
+        gate, up = _linear(_norm(layer.norm2, x), layer.gate_up, None, record, replay).chunk(2, dim=-1)
+        return x + _linear(F.silu(gate) * up, layer.down, None, record, replay)
 
     @torch.no_grad()
-    def prefill(self, idx: torch.Tensor, cache: LlamaCache, slots, last: torch.Tensor) -> torch.Tensor:
+    def prefill(self, idx: torch.Tensor, cache: LlamaCache, slots, last: torch.Tensor,
+                record: list | None = None) -> torch.Tensor:
         """Right-padded prompts (B, T) from position 0 into cache rows `slots`; returns (B, V) logits at the
         positions `last` (each prompt's final token). Padding sits after each prompt, so causal attention
-        never lets a real token see it; the caller sets cache.lengths."""
+        never lets a real token see it; the caller sets cache.lengths. `record` collects every matmul's output
+        (nanor1/replay.py)."""
         B, T = idx.shape
         cache.ensure(T)
         x = self.hf.model.embed_tokens(idx)
         cos, sin = self._rope_tables(x, torch.arange(T, device=idx.device)[None].expand(B, T))
         g = self.n_heads // self.n_kv
         for i, layer in enumerate(self.layers()):
-            q, k, v = self._qkv(layer, x, cos, sin)
+            q, k, v = self._qkv(layer, x, cos, sin, record)
             cache.k[i, slots, :, :T], cache.v[i, slots, :, :T] = k, v
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=g > 1)
-            x = self._finish(layer, x, o.transpose(1, 2).reshape(B, T, -1))
-        return self._head(x[torch.arange(B, device=idx.device), last]).float()
+            x = self._finish(layer, x, o.transpose(1, 2).reshape(B, T, -1), record)
+        return self._head(x[torch.arange(B, device=idx.device), last], record=record).float()
 
     @torch.no_grad()
-    def decode(self, tokens: torch.Tensor, cache: LlamaCache, slots, positions: torch.Tensor) -> torch.Tensor:
-        """One token per sequence: tokens (B,) at `positions` (B,) in cache rows `slots`; returns (B, V)."""
+    def decode(self, tokens: torch.Tensor, cache: LlamaCache, slots, positions: torch.Tensor,
+               record: list | None = None) -> torch.Tensor:
+        """One token per sequence: tokens (B,) at `positions` (B,) in cache rows `slots`; returns (B, V).
+        `record` collects every matmul's output (nanor1/replay.py)."""
         B = tokens.shape[0]
         cache.ensure(int(positions.max()) + 1)
         rows = torch.arange(slots.start, slots.stop, device=tokens.device) if isinstance(slots, slice) else slots
         x = self.hf.model.embed_tokens(tokens[:, None])
         cos, sin = self._rope_tables(x, positions[:, None])
         if self.compile:
-            logits, k, v = _compiled_decode()(self, self.layers(), x, cache.k[:, slots], cache.v[:, slots], cos, sin,
-                                              positions)
+            logits, k, v, outputs = _compiled_decode()(self, self.layers(), x, cache.k[:, slots], cache.v[:, slots],
+                                                       cos, sin, positions, record is not None)
             cache.k[:, rows, :, positions], cache.v[:, rows, :, positions] = k, v
+            if record is not None:
+                record += outputs
             return logits
         keep = torch.arange(cache.k.shape[3], device=tokens.device)[None, :] <= positions[:, None]
         bias = torch.zeros(keep.shape, dtype=cache.dtype, device=tokens.device).masked_fill_(~keep, float("-inf"))
         bias = bias[:, None, None]  # (B, 1, 1, capacity)
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
         for i, layer in enumerate(self.layers()):
-            q, k, v = self._qkv(layer, x, cos, sin)
+            q, k, v = self._qkv(layer, x, cos, sin, record)
             cache.k[i, rows, :, positions], cache.v[i, rows, :, positions] = k[:, :, 0], v[:, :, 0]
             keys, values = cache.k[i, slots], cache.v[i, slots]  # (B, KV, capacity, D)
             # grouped-query attention without repeating keys: each kv head serves H // KV query heads
             scores = torch.matmul(q.reshape(B, KV, H // KV, D), keys.transpose(-1, -2)).mul_(self.scale)
             o = torch.matmul(torch.softmax(scores.add_(bias), dim=-1), values)  # (B, KV, H // KV, D)
-            x = self._finish(layer, x, o.reshape(B, 1, H * D))
-        return self._head(x[:, 0]).float()
+            x = self._finish(layer, x, o.reshape(B, 1, H * D), record)
+        return self._head(x[:, 0], record=record).float()
 
     def _decode_step(self, layers: list[_Layer], x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cos, sin,
-                     positions: torch.Tensor):
+                     positions: torch.Tensor, record: bool):
         """`decode`'s layers as one pure function, for torch.compile: x (B, 1, C) at `positions`, the cache's keys
         and values (n_layers, B, KV, capacity, D) before this token. Each query attends to the cached keys below
         its position and to its own new key, kept apart, and the new keys and values are returned, (B, n_layers,
         KV, D) each, for the caller to write: a graph that wrote into its input cache would copy it whole.
-        Returns (B, V) float logits too."""
+        Returns (B, V) float logits too, and with `record` every matmul's output (`decode`'s record), else []."""
         B = x.shape[0]
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
         below = torch.arange(keys.shape[3], device=x.device)[None, :] < positions[:, None]
         bias = torch.zeros(below.shape, device=x.device).masked_fill_(~below, float("-inf"))[:, None, None]
-        new_k, new_v = [], []
+        new_k, new_v, outputs = [], [], [] if record else None
         for layer, K, V in zip(layers, keys, values):
-            q, k, v = self._qkv(layer, x, cos, sin)
+            q, k, v = self._qkv(layer, x, cos, sin, outputs)
             q, k, v = q.reshape(B, KV, H // KV, D), k.reshape(B, KV, 1, D), v.reshape(B, KV, 1, D)
             new_k.append(k[:, :, 0])
             new_v.append(v[:, :, 0])
@@ -227,15 +235,18 @@ class FastLlama(torch.nn.Module):
                                 (q.float() * k.float()).sum(-1, keepdim=True)), dim=-1)
             p = torch.softmax(scores * self.scale + F.pad(bias, (0, 1)), dim=-1).to(V.dtype)
             o = torch.matmul(p[..., :-1], V) + p[..., -1:] * v  # (B, KV, H // KV, D)
-            x = self._finish(layer, x, o.reshape(B, 1, H * D))
-        return self._head(x[:, 0]).float(), torch.stack(new_k, 1), torch.stack(new_v, 1)
+            x = self._finish(layer, x, o.reshape(B, 1, H * D), outputs)
+        logits = self._head(x[:, 0], record=outputs).float()
+        return logits, torch.stack(new_k, 1), torch.stack(new_v, 1), outputs or []
 
     def continuation_logits(self, prompts: torch.Tensor, prompt_lens: torch.Tensor, inputs: torch.Tensor,
-                            attention: torch.Tensor, compile: bool = False) -> torch.Tensor:
+                            attention: torch.Tensor, compile: bool = False,
+                            replay: list[torch.Tensor] | None = None) -> torch.Tensor:
         """The GRPO update's forward, with gradients: `Policy.continuation_logits` (each of n right-padded prompts
         (n, P) run once, its G = B // n continuations (B, T) attending to its keys), on the model's own
         parameters. Returns (B, T + 1, V) logits, as `nanor1.hf_backend.shared_prompt_logits` does with
-        transformers' forward. `compile`: run the tensor work under torch.compile (see `compiled`)."""
+        transformers' forward. `compile`: run the tensor work under torch.compile (see `compiled`). `replay`: the
+        matmuls' outputs, recorded when the rollout sampled these tokens (`nanor1.replay.Recording.replay`)."""
         P, T = prompts.shape[1], inputs.shape[1]
         dev = prompts.device.type
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else \
@@ -250,10 +261,12 @@ class FastLlama(torch.nn.Module):
                 torch.arange(T, device=inputs.device)
             rope_continuation = self._rope_tables(probe, pos)
         forward = compiled(FastLlama._continuation) if compile else FastLlama._continuation
-        return forward(self, prompts, prompt_lens, inputs, rope, rope_continuation, dt)
+        return forward(self, prompts, prompt_lens, inputs, rope, rope_continuation, dt,
+                       None if replay is None else tuple(y.to(dt) for y in replay))
 
-    def _continuation(self, prompts, prompt_lens, inputs, rope, rope_continuation, dt) -> torch.Tensor:
+    def _continuation(self, prompts, prompt_lens, inputs, rope, rope_continuation, dt, replay) -> torch.Tensor:
         n, P = prompts.shape
+        replay = None if replay is None else iter(replay)
         B, T = inputs.shape
         g = B // n
         x = self.hf.model.embed_tokens(prompts)
@@ -263,38 +276,38 @@ class FastLlama(torch.nn.Module):
         keep_prompt = torch.arange(P, device=x.device)[None, :] < prompt_lens[:, None]  # (n, P)
         prefix = []
         for i, layer in enumerate(layers):
-            q, k, v = self._qkv(layer, x, *rope)
+            q, k, v = self._qkv(layer, x, *rope, replay=replay)
             prefix.append((k, v))
             k, v = self._expand_kv(k), self._expand_kv(v)
             if i < len(layers) - 1:
                 o = causal_attention_cpu(q, k, v, self.scale) if x.device.type == "cpu" else \
                     F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-                x = self._finish(layer, x, o.transpose(1, 2).reshape(n, P, -1))
+                x = self._finish(layer, x, o.transpose(1, 2).reshape(n, P, -1), replay=replay)
             else:  # past its keys and values, the last layer needs only each prompt's last position, which
                 # predicts the first completion token: that query alone attends and goes through the MLP
                 o = masked_attention(q[rows, :, last][:, :, None], k, v, self.scale, keep_prompt[:, None, None])
-                x = self._finish(layer, x[rows, last][:, None], o.transpose(1, 2).reshape(n, 1, -1))
+                x = self._finish(layer, x[rows, last][:, None], o.transpose(1, 2).reshape(n, 1, -1), replay=replay)
         head = self.hf.lm_head.weight
-        first = self._head(x[:, 0], head).repeat_interleave(g, 0)[:, None]
+        first = self._head(x[:, 0], head, replay=replay).repeat_interleave(g, 0)[:, None]
         if T == 0:
             return first
         x = self.hf.model.embed_tokens(inputs)
         keep = continuation_keep(keep_prompt, g, T)  # (B, 1, T, P + T)
         for layer, (pk, pv) in zip(layers, prefix):
-            q, k, v = self._qkv(layer, x, *rope_continuation)
+            q, k, v = self._qkv(layer, x, *rope_continuation, replay=replay)
             k = self._expand_kv(torch.cat((pk.repeat_interleave(g, 0), k), dim=2))
             v = self._expand_kv(torch.cat((pv.repeat_interleave(g, 0), v), dim=2))
             o = masked_attention(q, k, v, self.scale, keep)
-            x = self._finish(layer, x, o.transpose(1, 2).reshape(B, T, -1))
-        return torch.cat((first, self._head(x, head)), dim=1)
+            x = self._finish(layer, x, o.transpose(1, 2).reshape(B, T, -1), replay=replay)
+        return torch.cat((first, self._head(x, head, replay=replay)), dim=1)
 
     def _expand_kv(self, kv: torch.Tensor) -> torch.Tensor:
         """(B, KV, S, D) -> (B, H, S, D): each kv head repeated for the query heads it serves."""
         return kv if self.n_kv == self.n_heads else kv.repeat_interleave(self.n_heads // self.n_kv, dim=1)
 
-    def _head(self, h: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
-        return linear(_norm(self.hf.model.norm, h), self._head_weight if weight is None else weight,
-                      self.hf.lm_head.bias)
+    def _head(self, h: torch.Tensor, weight: torch.Tensor | None = None, record=None, replay=None) -> torch.Tensor:
+        return _linear(_norm(self.hf.model.norm, h), self._head_weight if weight is None else weight,
+                       self.hf.lm_head.bias, record, replay)
 
     def _rope_tables(self, x: torch.Tensor, positions: torch.Tensor):
         """cos, sin (B, 1, T, D) in x's dtype from the model's own rotary embedding (with any rope scaling).
@@ -323,6 +336,18 @@ def _compiled_decode():
     that take more than a few ops are kept instead (bench/README.md, GRPO: 0.56x of eager's step time, not
     0.78x)."""
     return torch.compile(FastLlama._decode_step, options={"realize_opcount_threshold": 4})
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, record: list | None = None,
+            replay=None) -> torch.Tensor:
+    """`linear`, whose output `record` (a list) collects, or which takes its output from `replay` (an iterator
+    over a recording, in call order) and computes only its backward (nanor1/replay.py)."""
+    if replay is not None:
+        return replay_linear(x, w, b, next(replay))
+    y = linear(x, w, b)
+    if record is not None:
+        record.append(y)
+    return y
 
 
 def rms_norm_train(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -68,20 +68,31 @@ class Policy:
         return self.model(input_ids=idx, attention_mask=attention_mask).logits
 
     def continuation_logits(self, prompts: torch.Tensor, prompt_lens: torch.Tensor, inputs: torch.Tensor,
-                            attention: torch.Tensor, compile: bool = False) -> torch.Tensor:
+                            attention: torch.Tensor, compile: bool = False,
+                            replay: list[torch.Tensor] | None = None) -> torch.Tensor:
         """(B, T + 1, V) logits for G = B // n right-padded continuations (B, T) of each of n right-padded prompts
         (n, P), each prompt run once; attention: (B, T) True on real continuation tokens. `compile`: under
         torch.compile for Llama-family models (other Hugging Face architectures run transformers' forward; nanor1
-        models refuse it, see COMPILE_REFUSED)."""
+        models refuse it, see COMPILE_REFUSED). `replay`: the matmul outputs the rollout recorded for these tokens
+        (Llama-family models only, `replays`; nanor1/replay.py)."""
         if self.kind == "nanor1":
             if compile:
                 raise NanoR1Error(COMPILE_REFUSED)
             return self.model.forward_shared_prompts(prompts, prompt_lens, inputs, attention)
         from nanor1.hf_llama import FastLlama, supports
         if supports(self.model, prompts.shape[1] + inputs.shape[1], training=self.model.training):
-            return FastLlama(self.model).continuation_logits(prompts, prompt_lens, inputs, attention, compile)
+            return FastLlama(self.model).continuation_logits(prompts, prompt_lens, inputs, attention, compile, replay)
+        if replay is not None:
+            raise ValueError("replay is for policies that FastLlama runs; check Policy.replays first")
         from nanor1.hf_backend import shared_prompt_logits
         return shared_prompt_logits(self.model, prompts, prompt_lens, inputs, attention)
+
+    def replays(self, engine: Engine, max_len: int) -> bool:
+        """Whether `engine` (one of this policy's) can record its matmul outputs for `continuation_logits` to
+        replay, at up to `max_len` tokens: both run a Llama-family model through FastLlama."""
+        from nanor1.hf_llama import FastLlama, supports
+        return self.kind == "hf" and isinstance(getattr(engine.backend, "model", None), FastLlama) and \
+            supports(self.model, max_len, training=True)
 
     def engine(self, max_batch: int = 64, max_seq_len: int | None = None, seed: int = 0,
                compile: bool = False) -> Engine:

@@ -165,10 +165,11 @@ def test_grpo_trains_an_hf_policy_with_reference_and_several_updates(llama_dir, 
 
 
 def test_grpo_compile_runs_every_log_prob_forward_compiled(llama_dir, tmp_path):
-    """compile=true: the update's forward, the old log-probs (mu > 1) and the reference's (beta > 0) all go through
-    FastLlama's compiled forward, so their numerics agree, and the rollout's decode steps through its compiled
-    step; a model FastLlama does not take (GELU) runs transformers' forward. (The compiled functions' values are
-    tested against transformers' in tests/test_hf_llama.py, marked slow.)"""
+    """compile=true: the update's forward and the reference's log-probs (beta > 0) go through FastLlama's compiled
+    forward, so their numerics agree (the old log-probs of mu > 1 are the first update's own, which replays the
+    rollout), and the rollout's decode steps through its compiled step; a model FastLlama does not take (GELU) runs
+    transformers' forward. (The compiled functions' values are tested against transformers' in
+    tests/test_hf_llama.py, marked slow.)"""
     from unittest import mock
 
     from nanor1.grpo import GRPOConfig, grpo
@@ -182,11 +183,47 @@ def test_grpo_compile_runs_every_log_prob_forward_compiled(llama_dir, tmp_path):
             mock.patch("nanor1.hf_llama._compiled_decode", return_value=FastLlama._decode_step) as decode:
         grpo(cfg)
     fast = load_policy(llama_dir).model.config.hidden_act == "silu"
-    # 2 micro-batches (one prompt of G = 3 rows each): old and reference log-probs, then mu = 2 updates
-    assert compiled.call_count == (2 * (2 + 2) if fast else 0)
+    # 2 micro-batches (one prompt of G = 3 rows each): reference log-probs, then mu = 2 updates
+    assert compiled.call_count == (2 * (1 + 2) if fast else 0)
     assert all(c.args == (FastLlama._continuation,) for c in compiled.call_args_list)
     # every decode step of the rollout: at least one (completions of at most 6 tokens take at most 5)
     assert 1 <= decode.call_count <= 5 if fast else decode.call_count == 0
+
+
+def test_grpo_replaying_the_rollout_trains_as_recomputing_the_forward(llama_dir, tmp_path):
+    """The first update of each step replays the rollout's matmul outputs (nanor1/replay.py; the other of mu = 2
+    and the reference's log-probs compute theirs): in float32 two steps give the metrics and weights of a run that
+    computes every forward (replay_gib=0), to rounding."""
+    import json
+
+    from nanor1.grpo import GRPOConfig, grpo
+    from nanor1.replay import Recording
+    from nanor1.templates import Template
+    runs = {}
+    for gib in (2.0, 0.0):
+        cfg = GRPOConfig(model=str(llama_dir), out_dir=str(tmp_path / f"run{gib}"), template=Template.CHAT, steps=2,
+                         prompts_per_step=2, group_size=3, max_new_tokens=6, micro_batch=3, mu=2, progress=False,
+                         dtype="float32", replay_gib=gib)
+        cfg.loss.beta = 0.1
+        cfg.optim.lr = 1e-2
+        reward = tmp_path / "length_reward.py"
+        reward.write_text("def parity(completion, problem):\n    return float(len(completion) % 2)\n")
+        cfg.rewards.user = [f"{reward}:parity"]
+        with mock.patch.object(Recording, "replay", autospec=True, side_effect=Recording.replay) as replay:
+            final = grpo(cfg)
+        rows = [json.loads(line) for line in (tmp_path / f"run{gib}" / "metrics.jsonl").read_text().splitlines()]
+        runs[gib] = rows, load_policy(final).model.state_dict(), replay.call_count
+    (a, wa, n_replayed), (b, wb, n_none) = runs[2.0], runs[0.0]
+    fast = load_policy(llama_dir).model.config.hidden_act == "silu"
+    assert (n_replayed, n_none) == ((2 * 2 if fast else 0), 0)  # per step, the first update's two micro-batches
+    for ra, rb in zip(a, b):
+        for k in ("loss", "grad_norm", "kl", "entropy", "clip_frac", "reward_mean"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), k
+    # AdamW divides each gradient by its own running scale, so rounding in the tiniest gradients moves weights
+    # by a part of the learning rate: the runs' weights lie much closer to each other than to where they began
+    w0 = load_policy(llama_dir).model.state_dict()
+    for k in wb:
+        assert (wa[k] - wb[k]).abs().max() <= 0.1 * (wb[k] - w0[k]).abs().max(), k
 
 
 def test_save_reload_with_train_state(llama_dir, tmp_path):

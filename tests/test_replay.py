@@ -1,0 +1,74 @@
+"""nanor1.replay: GRPO's first update takes its forward's matmul outputs from the rollout that sampled the tokens.
+Replayed, the update must give the log-probs and gradients of computing its forward afresh."""
+
+from unittest import mock
+
+import pytest
+import torch
+
+from test_hf_llama import VOCAB, _family
+
+from nanor1.engine import Engine, ModelBackend, SamplingParams
+from nanor1.grpo import Rollouts, _logp, build_batch
+from nanor1.hf_llama import FastLlama
+from nanor1.policy import Policy
+from nanor1.replay import Recording
+
+
+class _Tokenizer:
+    eos_id, pad_id = 3, 0
+
+    def decode(self, ids):
+        return ""
+
+
+def _sample(model, prompts, G, n_slots, step_function):
+    """G completions of each prompt from the engine, recorded; rows stop at different steps (8 of the 97 tokens
+    stop them). `step_function`: decode through the function the compiled decode compiles, run eagerly."""
+    backend = ModelBackend(FastLlama(model, compile=step_function), n_slots=n_slots)
+    backend.recording = recording = Recording()
+    rows = [p for p in prompts for _ in range(G)]
+    params = [SamplingParams(max_new_tokens=20, temperature=1.0, seed=i, stop_token_ids=list(range(4, 12)))
+              for i in range(len(rows))]
+    with mock.patch("nanor1.hf_llama._compiled_decode", return_value=FastLlama._decode_step):
+        comps = Engine(None, _Tokenizer(), backend=backend).generate(rows, params)
+    return comps, recording
+
+
+@pytest.mark.parametrize("step_function", [False, True], ids=["eager_decode", "compiled_decode_step"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3"])  # qwen2 has q|k|v biases, qwen3 q and k norms
+def test_replayed_update_gives_the_recomputed_log_probs_and_gradients(name, step_function):
+    """Three groups of G = 2 (the first and third share a prompt, which prefill runs once), completions of 0 to 20
+    tokens: the update's log-probs and gradients from the recording equal those of its own forward, in float32 to
+    rounding, for the whole batch and for a micro-batch of the third group alone."""
+    model = _family(name).train()
+    g = torch.Generator().manual_seed(1)
+    p0, p1 = (torch.randint(12, VOCAB, (n,), generator=g).tolist() for n in (5, 9))
+    prompts, G = [p0, p1, p0], 2
+    comps, recording = _sample(model, prompts, G, 6, step_function)
+    lengths = [len(c.ids) for c in comps]
+    assert recording.complete and len(set(lengths)) > 2 and max(lengths) > 1
+    ro = Rollouts(*build_batch(prompts, comps, 0, False, 16), {}, comps, recording)
+    policy = Policy(model, _Tokenizer(), "hf", None)
+    for ps, sl in ((torch.arange(3), torch.arange(6)), (torch.tensor([2]), torch.tensor([4, 5]))):
+        got = []
+        for replay in (True, False):
+            logp = _logp(policy, ro, ps, sl, 1.0, torch.device("cpu"), torch.float32, False, replay)[0]
+            real = ro.real[sl, : logp.shape[1]]
+            (logp * real).sum().backward()
+            got.append((logp.detach()[real], {n: p.grad.clone() for n, p in model.named_parameters()}))
+            model.zero_grad(set_to_none=True)
+        (a, ga), (b, gb) = got
+        assert (a - b).abs().max() < 1e-5
+        for n in gb:
+            assert (ga[n] - gb[n]).abs().max() <= 1e-4 * gb[n].abs().max(), n
+
+
+def test_a_recording_of_requests_admitted_in_turns_is_not_replayed():
+    """More requests than slots: the later ones join as the first finish, so decode steps no longer line up with
+    each completion's positions; the recording says so and refuses to replay."""
+    model = _family("llama").eval()
+    _, recording = _sample(model, [[20, 21, 22], [30, 31]], 3, 4, False)
+    assert not recording.complete
+    with pytest.raises(ValueError, match="incomplete"):
+        recording.replay(torch.arange(2) * 3, torch.arange(6), 16, torch.tensor([2, 1]), 15, 2)
