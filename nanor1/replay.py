@@ -28,8 +28,8 @@ class ReplayLinear(torch.autograd.Function):
     def backward(ctx, dy: torch.Tensor):
         x, w = ctx.saved_tensors
         dt = dy.dtype  # the autocast dtype under autocast, as linear's backward computes in
-        flat = dy.reshape(-1, dy.shape[-1])
-        dx = (dy @ w.to(dt)).to(x.dtype) if ctx.needs_input_grad[0] else None
+        flat = dy.reshape(-1, dy.shape[-1])  # 2-D: a strided dy (a slice of the logits) would make matmul expand w
+        dx = (flat @ w.to(dt)).view(*dy.shape[:-1], -1).to(x.dtype) if ctx.needs_input_grad[0] else None
         dw = (flat.t() @ x.reshape(-1, x.shape[-1]).to(dt)).to(w.dtype) if ctx.needs_input_grad[1] else None
         db = flat.sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and ctx.needs_input_grad[2] else None
         return dx, dw, db, None
