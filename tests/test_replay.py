@@ -72,3 +72,27 @@ def test_a_recording_of_requests_admitted_in_turns_is_not_replayed():
     assert not recording.complete
     with pytest.raises(ValueError, match="incomplete"):
         recording.replay(torch.arange(2) * 3, torch.arange(6), 16, torch.tensor([2, 1]), 15, 2)
+
+
+@pytest.mark.slow
+def test_compiled_replayed_update_gives_the_recomputed_log_probs_and_gradients():
+    """GRPOConfig.compile: the replaying forward under torch.compile (ReplayLinear traced into the graph) against
+    the eager forward that computes its matmuls, in float32 and under bf16 autocast, to their rounding."""
+    model = _family("llama").train()
+    prompts, G = [[20, 21, 22, 23, 24], [30, 31, 32, 33, 34, 35, 36, 37, 38]], 3
+    comps, recording = _sample(model, prompts, G, 6, True)
+    ro = Rollouts(*build_batch(prompts, comps, 0, False, 16), {}, comps, recording)
+    policy = Policy(model, _Tokenizer(), "hf", None)
+    ps, sl = torch.arange(2), torch.arange(6)
+    for dtype, tol, grad_tol in ((torch.float32, 1e-5, 1e-4), (torch.bfloat16, 0.05, 0.1)):
+        got = []
+        for compile_, replay in ((True, True), (False, False)):
+            logp = _logp(policy, ro, ps, sl, 1.0, torch.device("cpu"), dtype, compile_, replay)[0]
+            real = ro.real[sl, : logp.shape[1]]
+            (logp * real).sum().backward()
+            got.append((logp.detach()[real], {n: p.grad.clone() for n, p in model.named_parameters()}))
+            model.zero_grad(set_to_none=True)
+        (a, ga), (b, gb) = got
+        assert (a - b).abs().max() < tol, dtype
+        for n in gb:
+            assert (ga[n] - gb[n]).abs().max() <= grad_tol * gb[n].abs().max(), (dtype, n)
