@@ -91,6 +91,8 @@ class GRPOConfig:
                               f"got {self.group_size}")
         if self.temperature <= 0:
             raise NanoR1Error("GRPO samples: temperature must be > 0")
+        if self.replay_gib < 0:
+            raise NanoR1Error(f"replay_gib must be >= 0 (0 turns replaying the rollout off), got {self.replay_gib}")
         resolve_dtype(self.rollout_dtype)
 
 

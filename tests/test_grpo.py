@@ -79,6 +79,8 @@ def test_grpo_samples_from_a_bf16_copy_kept_in_step(base, tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["response_len"] > 0 for r in rows)
     with pytest.raises(NanoR1Error, match="unknown dtype"):
         grpo(_cfg(base, tmp_path / "bad", rollout_dtype="bf8"))
+    with pytest.raises(NanoR1Error, match="replay_gib must be >= 0"):
+        grpo(_cfg(base, tmp_path / "bad", replay_gib=-1.0))
 
 
 def test_grpo_compile_is_refused_for_a_nanor1_policy(base, tmp_path):
