@@ -1,4 +1,5 @@
-"""The CUDA paths: the model, the engine, GRPO's shared-prompt update and a pretrain -> GRPO chain on a GPU.
+"""The CUDA paths: the model, the engine, GRPO's shared-prompt update (and its replay of the rollout) and a pretrain ->
+GRPO chain on a GPU.
 
 Run on a machine with a GPU: `python -m pytest -m gpu`. The device is `NANOR1_TEST_DEVICE` (default `cuda`);
 `NANOR1_TEST_DEVICE=cpu python -m pytest -m gpu tests/test_gpu.py` checks the tests themselves without one.
@@ -113,6 +114,15 @@ def test_compiled_fast_llama_decoding_on_the_device():
     from nanor1.hf_llama import FastLlama
     model = _family("qwen3").to(DEVICE)
     _decode_against_transformers(model, FastLlama(model, compile=True), 1e-3)
+
+
+def test_replayed_update_on_the_device():
+    """GRPO's first update replaying the rollout's matmul outputs (nanor1/replay.py), recorded and replayed on the
+    device, against the update's own forward there: float32 and bf16 autocast."""
+    from test_hf_llama import _family
+    from test_replay import assert_replay_matches
+    assert_replay_matches(_family("qwen2").to(DEVICE).train(), False, False,
+                          [(torch.float32, 1e-4, 1e-3), (torch.bfloat16, 0.05, 0.1)])
 
 
 def test_fast_llama_update_on_the_device():

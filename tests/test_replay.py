@@ -35,13 +35,12 @@ def _sample(model, prompts, G, n_slots, step_function):
     return comps, recording
 
 
-@pytest.mark.parametrize("step_function", [False, True], ids=["eager_decode", "compiled_decode_step"])
-@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3"])  # qwen2 has q|k|v biases, qwen3 q and k norms
-def test_replayed_update_gives_the_recomputed_log_probs_and_gradients(name, step_function):
-    """Three groups of G = 2 (the first and third share a prompt, which prefill runs once), completions of 0 to 20
-    tokens: the update's log-probs and gradients from the recording equal those of its own forward, in float32 to
-    rounding, for the whole batch and for a micro-batch of the third group alone."""
-    model = _family(name).train()
+def assert_replay_matches(model, step_function: bool, compiled_update: bool, cases) -> None:
+    """Three groups of G = 2 (the first and third share a prompt, which prefill runs once), sampled on the model's
+    device with completions of 0 to 20 tokens: the update's log-probs and gradients from the recording (its forward
+    compiled or not) against its own eager forward's, for the whole batch and for a micro-batch of the third group
+    alone; `cases`: (autocast dtype, log-prob tolerance, gradient tolerance relative to each gradient's largest)."""
+    device = next(model.parameters()).device
     g = torch.Generator().manual_seed(1)
     p0, p1 = (torch.randint(12, VOCAB, (n,), generator=g).tolist() for n in (5, 9))
     prompts, G = [p0, p1, p0], 2
@@ -50,18 +49,26 @@ def test_replayed_update_gives_the_recomputed_log_probs_and_gradients(name, step
     assert recording.complete and len(set(lengths)) > 2 and max(lengths) > 1
     ro = Rollouts(*build_batch(prompts, comps, 0, False, 16), {}, comps, recording)
     policy = Policy(model, _Tokenizer(), "hf", None)
-    for ps, sl in ((torch.arange(3), torch.arange(6)), (torch.tensor([2]), torch.tensor([4, 5]))):
-        got = []
-        for replay in (True, False):
-            logp = _logp(policy, ro, ps, sl, 1.0, torch.device("cpu"), torch.float32, False, replay)[0]
-            real = ro.real[sl, : logp.shape[1]]
-            (logp * real).sum().backward()
-            got.append((logp.detach()[real], {n: p.grad.clone() for n, p in model.named_parameters()}))
-            model.zero_grad(set_to_none=True)
-        (a, ga), (b, gb) = got
-        assert (a - b).abs().max() < 1e-5
-        for n in gb:
-            assert (ga[n] - gb[n]).abs().max() <= 1e-4 * gb[n].abs().max(), n
+    for dtype, tol, grad_tol in cases:
+        for ps, sl in ((torch.arange(3), torch.arange(6)), (torch.tensor([2]), torch.tensor([4, 5]))):
+            got = []
+            for compile_, replay in ((compiled_update, True), (False, False)):
+                logp = _logp(policy, ro, ps, sl, 1.0, device, dtype, compile_, replay)[0]
+                real = ro.real[sl, : logp.shape[1]].to(device)
+                (logp * real).sum().backward()
+                got.append((logp.detach()[real], {n: p.grad.clone() for n, p in model.named_parameters()}))
+                model.zero_grad(set_to_none=True)
+            (a, ga), (b, gb) = got
+            assert (a - b).abs().max() < tol, dtype
+            for n in gb:
+                assert (ga[n] - gb[n]).abs().max() <= grad_tol * gb[n].abs().max(), (dtype, n)
+
+
+@pytest.mark.parametrize("step_function", [False, True], ids=["eager_decode", "compiled_decode_step"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3"])  # qwen2 has q|k|v biases, qwen3 q and k norms
+def test_replayed_update_gives_the_recomputed_log_probs_and_gradients(name, step_function):
+    """In float32, to rounding."""
+    assert_replay_matches(_family(name).train(), step_function, False, [(torch.float32, 1e-5, 1e-4)])
 
 
 def test_a_recording_of_requests_admitted_in_turns_is_not_replayed():
@@ -78,21 +85,5 @@ def test_a_recording_of_requests_admitted_in_turns_is_not_replayed():
 def test_compiled_replayed_update_gives_the_recomputed_log_probs_and_gradients():
     """GRPOConfig.compile: the replaying forward under torch.compile (ReplayLinear traced into the graph) against
     the eager forward that computes its matmuls, in float32 and under bf16 autocast, to their rounding."""
-    model = _family("llama").train()
-    prompts, G = [[20, 21, 22, 23, 24], [30, 31, 32, 33, 34, 35, 36, 37, 38]], 3
-    comps, recording = _sample(model, prompts, G, 6, True)
-    ro = Rollouts(*build_batch(prompts, comps, 0, False, 16), {}, comps, recording)
-    policy = Policy(model, _Tokenizer(), "hf", None)
-    ps, sl = torch.arange(2), torch.arange(6)
-    for dtype, tol, grad_tol in ((torch.float32, 1e-5, 1e-4), (torch.bfloat16, 0.05, 0.1)):
-        got = []
-        for compile_, replay in ((True, True), (False, False)):
-            logp = _logp(policy, ro, ps, sl, 1.0, torch.device("cpu"), dtype, compile_, replay)[0]
-            real = ro.real[sl, : logp.shape[1]]
-            (logp * real).sum().backward()
-            got.append((logp.detach()[real], {n: p.grad.clone() for n, p in model.named_parameters()}))
-            model.zero_grad(set_to_none=True)
-        (a, ga), (b, gb) = got
-        assert (a - b).abs().max() < tol, dtype
-        for n in gb:
-            assert (ga[n] - gb[n]).abs().max() <= grad_tol * gb[n].abs().max(), (dtype, n)
+    assert_replay_matches(_family("llama").train(), True, True,
+                          [(torch.float32, 1e-5, 1e-4), (torch.bfloat16, 0.05, 0.1)])
