@@ -102,15 +102,19 @@ class Recording:
             layer, kind = divmod(i, 4)
             if layer == n_layers - 1 and kind > 0:  # the last layer's output projection and MLP: last rows only
                 out.append(o[pre, last][:, None])
-            else:
-                out.append(o[pre, :P])
+            else:  # the prefill's width may stop short of the batch's where the context caps it: padding
+                out.append(_pad(o[pre, :P], P))
         out.append(self.prefill[-1][pre])
         if T == 0:
             return out
         everyone = len(rows) == len(self.slots) and bool((rows == torch.arange(len(rows))).all())
-        for o in self._decode_outputs():
-            o = o if everyone else o[rows]
-            if o.shape[1] < T:  # the batch's width rounds up past the last decoded token: padding, no loss
-                o = torch.cat((o, o.new_zeros(o.shape[0], T - o.shape[1], o.shape[2])), dim=1)
-            out.append(o[:, :T])
+        for o in self._decode_outputs():  # the batch's width may round up past the last decoded token: padding
+            out.append(_pad((o if everyone else o[rows])[:, :T], T))
         return out
+
+
+def _pad(o: torch.Tensor, width: int) -> torch.Tensor:
+    """o (B, <= width, W) with zeros after its positions up to `width`: padding positions take no loss."""
+    if o.shape[1] == width:
+        return o
+    return torch.cat((o, o.new_zeros(o.shape[0], width - o.shape[1], o.shape[2])), dim=1)
