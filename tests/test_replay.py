@@ -87,3 +87,11 @@ def test_compiled_replayed_update_gives_the_recomputed_log_probs_and_gradients()
     the eager forward that computes its matmuls, in float32 and under bf16 autocast, to their rounding."""
     assert_replay_matches(_family("llama").train(), True, True,
                           [(torch.float32, 1e-5, 1e-4), (torch.bfloat16, 0.05, 0.1)])
+
+
+def test_replay_pads_what_the_context_cut_short():
+    """A context of 12 positions: prefill runs the 9-token prompt padded to 12, not to the batch's 16, and the
+    completions stop after 3 and 7 tokens where the batch is 15 wide; the recording pads both with zeros, which no
+    loss reads, and still gives the recomputed log-probs and gradients."""
+    assert_replay_matches(_family("llama", max_position_embeddings=12).train(), False, False,
+                          [(torch.float32, 1e-5, 1e-4)])
