@@ -96,7 +96,9 @@ def run_ours(folder: Path, out: Path, steps: int, seed: int, rollout_dtype: str,
                      prompts_per_step=PROMPTS_PER_STEP, group_size=G, max_new_tokens=NEW_TOKENS, temperature=1.0,
                      mu=1, micro_batch=PROMPTS_PER_STEP * G, device="cpu", dtype="bfloat16", seed=seed,
                      rollout_dtype=rollout_dtype, compile="compiled" in side, progress=False, ckpt_every=10 ** 6,
-                     sample_every=10 ** 6, rewards=bench_rewards(), replay_gib=0 if "no replay" in side else 2.0)
+                     sample_every=10 ** 6, rewards=bench_rewards())
+    if "no replay" in side:
+        cfg.replay_gib = 0.0
     cfg.optim.lr = LR
     grpo(cfg, policy=policy, on_step=(lambda row: on_step()) if on_step else None)
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if "step" in r]
