@@ -22,20 +22,20 @@ class _Tokenizer:
         return ""
 
 
-def _sample(model, prompts, G, n_slots, step_function):
+def _sample(model, prompts, G, n_slots, step_function, max_new_tokens=20):
     """G completions of each prompt from the engine, recorded; rows stop at different steps (8 of the 97 tokens
     stop them). `step_function`: decode through the function the compiled decode compiles, run eagerly."""
     backend = ModelBackend(FastLlama(model, compile=step_function), n_slots=n_slots)
     backend.recording = recording = Recording()
     rows = [p for p in prompts for _ in range(G)]
-    params = [SamplingParams(max_new_tokens=20, temperature=1.0, seed=i, stop_token_ids=list(range(4, 12)))
+    params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=1.0, seed=i, stop_token_ids=list(range(4, 12)))
               for i in range(len(rows))]
     with mock.patch("nanor1.hf_llama._compiled_decode", return_value=FastLlama._decode_step):
         comps = Engine(None, _Tokenizer(), backend=backend).generate(rows, params)
     return comps, recording
 
 
-def assert_replay_matches(model, step_function: bool, compiled_update: bool, cases) -> None:
+def assert_replay_matches(model, step_function: bool, compiled_update: bool, cases, max_new_tokens: int = 20) -> None:
     """Three groups of G = 2 (the first and third share a prompt, which prefill runs once), sampled on the model's
     device with completions of 0 to 20 tokens: the update's log-probs and gradients from the recording (its forward
     compiled or not) against its own eager forward's, for the whole batch and for a micro-batch of the third group
@@ -44,9 +44,9 @@ def assert_replay_matches(model, step_function: bool, compiled_update: bool, cas
     g = torch.Generator().manual_seed(1)
     p0, p1 = (torch.randint(12, VOCAB, (n,), generator=g).tolist() for n in (5, 9))
     prompts, G = [p0, p1, p0], 2
-    comps, recording = _sample(model, prompts, G, 6, step_function)
+    comps, recording = _sample(model, prompts, G, 6, step_function, max_new_tokens)
     lengths = [len(c.ids) for c in comps]
-    assert recording.complete and len(set(lengths)) > 2 and max(lengths) > 1
+    assert recording.complete and (len(set(lengths)) > 2 and max(lengths) > 1 or max_new_tokens == 1)
     ro = Rollouts(*build_batch(prompts, comps, 0, False, 16), {}, comps, recording)
     policy = Policy(model, _Tokenizer(), "hf", None)
     for dtype, tol, grad_tol in cases:
@@ -95,3 +95,9 @@ def test_replay_pads_what_the_context_cut_short():
     loss reads, and still gives the recomputed log-probs and gradients."""
     assert_replay_matches(_family("llama", max_position_embeddings=12).train(), False, False,
                           [(torch.float32, 1e-5, 1e-4)])
+
+
+def test_replay_of_completions_that_end_at_their_first_token():
+    """max_new_tokens=1: every completion is the token prefill sampled, so the engine never decodes; the replay's
+    continuation pass is all padding and its first log-prob comes from the prompt pass's head."""
+    assert_replay_matches(_family("llama").train(), False, False, [(torch.float32, 1e-5, 1e-4)], max_new_tokens=1)
