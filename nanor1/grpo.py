@@ -67,9 +67,9 @@ class GRPOConfig:
     # under torch.compile: 1.2-1.4x faster updates and ~1.1-1.3x faster rollouts on this CPU after ~1-2 min of
     # compiling in the first steps, so it pays only in long runs; nanor1 policies refuse it (docs/grpo.md)
     compile: bool = False
-    # the first of the mu updates takes its forward's matmul outputs from the rollout, which computed the same
-    # ones, instead of computing them again (a Llama-family policy; nanor1/replay.py), when they take at most
-    # this many GiB (0: never): a third of that update's matmuls saved
+    # with mu = 1 the update takes its forward's matmul outputs from the rollout, which computed the same ones,
+    # instead of computing them again (a Llama-family policy; nanor1/replay.py), when they take at most this many
+    # GiB (0: never): a third of the update's matmuls saved
     replay_gib: float = 2.0
     resume: bool = False
     progress: bool = True
@@ -108,7 +108,7 @@ class Rollouts:
     real: torch.Tensor  # (N, C) True on real tokens
     rewards: dict[str, list[float]]
     completions: list[Completion]
-    recording: Recording | None = None  # the rollout's matmul outputs, for the first update to replay
+    recording: Recording | None = None  # the rollout's matmul outputs, for the update to replay
 
 
 def build_batch(prompts: list[list[int]], comps: list[Completion], pad_id: int, overlong_filter: bool,
@@ -241,7 +241,8 @@ def grpo(cfg: GRPOConfig, policy=None, on_step=None) -> Path:
     G, n_seq = cfg.group_size, cfg.prompts_per_step * cfg.group_size
     sampler = _sampler(policy, resolve_dtype(cfg.rollout_dtype))
     engine = sampler.engine(max_batch=n_seq, seed=cfg.seed, compile=cfg.compile)
-    replays = cfg.replay_gib > 0 and policy.replays(engine, sampler.max_seq_len)
+    # only with mu = 1: later updates divide by the old log-probs, which must share their (training) numerics
+    replays = cfg.replay_gib > 0 and cfg.mu == 1 and policy.replays(engine, sampler.max_seq_len)
     log = MetricsSink(out_dir, cfg.tracking, name=cfg.stage, config=to_dict(cfg))
     samples = JsonlLogger(out_dir / "samples.jsonl")
     ckpt_kwargs = dict(kind=cfg.stage, run_config=to_dict(cfg), parent=cfg.model, seeds={"seed": cfg.seed})
@@ -267,8 +268,8 @@ def grpo(cfg: GRPOConfig, policy=None, on_step=None) -> Path:
         mask = ro.mask.clone()
         if cfg.dynamic_sampling:
             mask &= ~flat.repeat_interleave(G)[:, None]
-        # one update per mu: old log-probs are the rollout policy's, recomputed in training numerics, or the first
-        # update's own when it replays the rollout's forward
+        # one update per mu: old log-probs are the rollout policy's, recomputed in training numerics (with mu = 1
+        # the update's own, whose forward may replay the rollout's)
         replay = ro.recording is not None
         t1 = time.perf_counter()
         model.train()
@@ -276,7 +277,7 @@ def grpo(cfg: GRPOConfig, policy=None, on_step=None) -> Path:
         old, refs = [None] * len(chunks), [None] * len(chunks)
         with torch.no_grad():
             for j, (ps, sl) in enumerate(chunks):
-                if cfg.mu > 1 and not replay:
+                if cfg.mu > 1:
                     old[j] = _logp(policy, ro, ps, sl, cfg.temperature, device, dtype, cfg.compile)[0]
                 if ref is not None:
                     refs[j] = _logp(ref_policy, ro, ps, sl, cfg.temperature, device, dtype, cfg.compile)[0]
@@ -290,12 +291,9 @@ def grpo(cfg: GRPOConfig, policy=None, on_step=None) -> Path:
             with torch.no_grad():
                 logits = _logp(policy, ro, torch.arange(1), first, cfg.temperature, device, dtype, cfg.compile)[1]
             stats_acc["entropy"] = float(token_entropy(logits, mask[first, : logits.shape[1]].to(device)))
-        for it in range(cfg.mu):
+        for _ in range(cfg.mu):
             for j, (ps, sl) in enumerate(chunks):
-                logp, logits = _logp(policy, ro, ps, sl, cfg.temperature, device, dtype, cfg.compile,
-                                     replay and it == 0)
-                if replay and it == 0 and cfg.mu > 1:
-                    old[j] = logp.detach()
+                logp, logits = _logp(policy, ro, ps, sl, cfg.temperature, device, dtype, cfg.compile, replay)
                 m = mask[sl, : logp.shape[1]].to(device)
                 loss, stats = policy_loss(logp, old[j] if old[j] is not None else logp.detach(), adv[sl].to(device),
                                           m, eps_low=cfg.loss.eps_low, eps_high=cfg.loss.eps_high, ref_logp=refs[j],

@@ -9,7 +9,7 @@ behind the `prefill` / `decode` / `new_cache` interface of nanor1's own Transfor
 GRPO's update runs the same concatenated weights with
 gradients (`continuation_logits`): each prompt once, its group's completions attending to its keys, the
 concatenated weights cast once for both passes. That update's time is mostly its matmuls, so it gains less
-(bench/README.md, GRPO); its first pass can take those matmuls' outputs from the rollout instead, which records
+(bench/README.md, GRPO); with mu = 1 it can take those matmuls' outputs from the rollout instead, which records
 them (`record` and `replay` below, nanor1/replay.py). Tests pin the logits and gradients to transformers' forward.
 """
 

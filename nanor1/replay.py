@@ -1,13 +1,14 @@
 """The GRPO update's first forward pass, taken from the rollout (Llama-family policies, nanor1/hf_llama.py).
 
-The first of GRPO's `mu` updates runs the policy on exactly the tokens the rollout just sampled, with the weights
-it sampled them with: the same matmuls the engine computed, a token at a time. So the engine records the outputs
+GRPO's update (with mu = 1, its only one) runs the policy on exactly the tokens the rollout just sampled, with the
+weights it sampled them with: the same matmuls the engine computed, a token at a time. So the engine records the outputs
 of its matmuls (prefill and decode: every q|k|v, output, gate|up and down projection and the head), and the
 update's forward takes them instead of computing them again. Autograd still runs the whole backward, from the
 update's own norms, rotations, attention and SwiGLU over the recorded values; only the forward's matmuls, a third
 of the update's, are saved. A recorded value differs from a recomputed one by rounding only (the decode adds up
 each dot product in another order, and in the rollout's dtype), as two runs of the same forward at other batch
-sizes do (bench/README.md, GRPO).
+sizes do (bench/README.md, GRPO). With mu > 1 GRPO recomputes: a later update's ratio divides by the old
+log-probs, and only a forward in the same numerics as its own keeps that ratio free of the rounding difference.
 """
 
 from __future__ import annotations

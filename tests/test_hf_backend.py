@@ -165,11 +165,10 @@ def test_grpo_trains_an_hf_policy_with_reference_and_several_updates(llama_dir, 
 
 
 def test_grpo_compile_runs_every_log_prob_forward_compiled(llama_dir, tmp_path):
-    """compile=true: the update's forward and the reference's log-probs (beta > 0) go through FastLlama's compiled
-    forward, so their numerics agree (the old log-probs of mu > 1 are the first update's own, which replays the
-    rollout), and the rollout's decode steps through its compiled step; a model FastLlama does not take (GELU) runs
-    transformers' forward. (The compiled functions' values are tested against transformers' in
-    tests/test_hf_llama.py, marked slow.)"""
+    """compile=true: the update's forward, the old log-probs (mu > 1) and the reference's (beta > 0) all go through
+    FastLlama's compiled forward, so their numerics agree, and the rollout's decode steps through its compiled
+    step; a model FastLlama does not take (GELU) runs transformers' forward. (The compiled functions' values are
+    tested against transformers' in tests/test_hf_llama.py, marked slow.)"""
     from unittest import mock
 
     from nanor1.grpo import GRPOConfig, grpo
@@ -183,27 +182,27 @@ def test_grpo_compile_runs_every_log_prob_forward_compiled(llama_dir, tmp_path):
             mock.patch("nanor1.hf_llama._compiled_decode", return_value=FastLlama._decode_step) as decode:
         grpo(cfg)
     fast = load_policy(llama_dir).model.config.hidden_act == "silu"
-    # 2 micro-batches (one prompt of G = 3 rows each): reference log-probs, then mu = 2 updates
-    assert compiled.call_count == (2 * (1 + 2) if fast else 0)
+    # 2 micro-batches (one prompt of G = 3 rows each): old and reference log-probs, then mu = 2 updates
+    assert compiled.call_count == (2 * (2 + 2) if fast else 0)
     assert all(c.args == (FastLlama._continuation,) for c in compiled.call_args_list)
     # every decode step of the rollout: at least one (completions of at most 6 tokens take at most 5)
     assert 1 <= decode.call_count <= 5 if fast else decode.call_count == 0
 
 
 def test_grpo_replaying_the_rollout_trains_as_recomputing_the_forward(llama_dir, tmp_path):
-    """The first update of each step replays the rollout's matmul outputs (nanor1/replay.py; the other of mu = 2
-    and the reference's log-probs compute theirs): in float32 two steps give the metrics and weights of a run that
-    computes every forward (replay_gib=0), to rounding."""
+    """With mu = 1 each step's update replays the rollout's matmul outputs (nanor1/replay.py; the reference's
+    log-probs compute theirs): in float32 two steps give the metrics and weights of a run that computes every
+    forward (replay_gib=0), to rounding. With mu = 2 nothing is replayed."""
     import json
 
     from nanor1.grpo import GRPOConfig, grpo
     from nanor1.replay import Recording
     from nanor1.templates import Template
     runs = {}
-    for gib in (2.0, 0.0):
-        cfg = GRPOConfig(model=str(llama_dir), out_dir=str(tmp_path / f"run{gib}"), template=Template.CHAT, steps=2,
-                         prompts_per_step=2, group_size=3, max_new_tokens=6, micro_batch=3, mu=2, progress=False,
-                         dtype="float32", replay_gib=gib)
+    for gib, mu in ((2.0, 1), (0.0, 1), (2.0, 2)):
+        cfg = GRPOConfig(model=str(llama_dir), out_dir=str(tmp_path / f"run{gib}{mu}"), template=Template.CHAT,
+                         steps=2, prompts_per_step=2, group_size=3, max_new_tokens=6, micro_batch=3, mu=mu,
+                         progress=False, dtype="float32", replay_gib=gib)
         cfg.loss.beta = 0.1
         cfg.optim.lr = 1e-2
         reward = tmp_path / "length_reward.py"
@@ -211,11 +210,12 @@ def test_grpo_replaying_the_rollout_trains_as_recomputing_the_forward(llama_dir,
         cfg.rewards.user = [f"{reward}:parity"]
         with mock.patch.object(Recording, "replay", autospec=True, side_effect=Recording.replay) as replay:
             final = grpo(cfg)
-        rows = [json.loads(line) for line in (tmp_path / f"run{gib}" / "metrics.jsonl").read_text().splitlines()]
-        runs[gib] = rows, load_policy(final).model.state_dict(), replay.call_count
-    (a, wa, n_replayed), (b, wb, n_none) = runs[2.0], runs[0.0]
+        rows = [json.loads(line) for line in (tmp_path / f"run{gib}{mu}" / "metrics.jsonl").read_text().splitlines()]
+        runs[gib, mu] = rows, load_policy(final).model.state_dict(), replay.call_count
+    (a, wa, n_replayed), (b, wb, n_none) = runs[2.0, 1], runs[0.0, 1]
     fast = load_policy(llama_dir).model.config.hidden_act == "silu"
-    assert (n_replayed, n_none) == ((2 * 2 if fast else 0), 0)  # per step, the first update's two micro-batches
+    # per step, the update's two micro-batches; none with replay_gib=0 or mu=2
+    assert (n_replayed, n_none, runs[2.0, 2][2]) == ((2 * 2 if fast else 0), 0, 0)
     for ra, rb in zip(a, b):
         for k in ("loss", "grad_norm", "kl", "entropy", "clip_frac", "reward_mean"):
             assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6), k
