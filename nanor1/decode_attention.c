@@ -1,7 +1,6 @@
 /* One decode step of attention over a bf16 KV cache, for x86 CPUs with AVX-512 BF16 (nanor1/decode_attention.py).
 
-   Each query row attends to its cache row's keys 0..pos[b]-1 and to its own new key, which the caller passes
-   apart (it is written into the cache after the step). At decode's sizes the work is a few dot products per
+   Each query row attends to its cache row's keys 0..pos[b], its own new key at pos[b] included. At decode's sizes the work is a few dot products per
    cached key: the generic kernels (batched matmuls, or Inductor's fused reduction) spend most of their time
    around them, so this kernel reads each key and value row once per query group, straight from the cache. */
 #include <immintrin.h>
@@ -23,18 +22,17 @@ static inline float round_bf16(float x) {
 }
 
 /* q (B, KV, G, D): G query heads share each kv head. key_cache, value_cache: (B, KV, C, D) with row stride
-   row_stride and head stride head_stride (elements), the last two dims contiguous. new_k, new_v: (B, KV, D).
-   pos: (B,) cached keys per row. out: like q. D is a multiple of 32, at most 256. */
+   row_stride and head stride head_stride (elements), the last two dims contiguous. pos: (B,) each row's new
+   position, its key and value already written there. out: like q. D is a multiple of 32, at most 256. */
 void decode_attention(const uint16_t *q, const uint16_t *key_cache, const uint16_t *value_cache,
-                      const uint16_t *new_k, const uint16_t *new_v, const int64_t *pos, uint16_t *out, int B, int KV,
-                      int G, int D, int64_t row_stride, int64_t head_stride, float scale) {
+                      const int64_t *pos, uint16_t *out, int B, int KV, int G, int D, int64_t row_stride,
+                      int64_t head_stride, float scale) {
 #pragma omp parallel for collapse(2) schedule(static)
   for (int b = 0; b < B; b++)
     for (int h = 0; h < KV; h++) {
       const int n = (int)pos[b], W = D / 32;
       const uint16_t *K = key_cache + b * row_stride + h * head_stride;
       const uint16_t *V = value_cache + b * row_stride + h * head_stride;
-      const uint16_t *k_new = new_k + ((int64_t)b * KV + h) * D, *v_new = new_v + ((int64_t)b * KV + h) * D;
       float s[n + 1];
       for (int g = 0; g < G; g++) {
         const int64_t row = ((int64_t)b * KV + h) * G + g;
@@ -42,7 +40,7 @@ void decode_attention(const uint16_t *q, const uint16_t *key_cache, const uint16
         for (int w = 0; w < W; w++) qv[w] = (__m512bh)_mm512_loadu_si512(q + row * D + 32 * w);
         /* scores: bf16 pairs multiplied and summed in float32 (vdpbf16ps), as oneDNN's bf16 matmul does */
         for (int j = 0; j <= n; j++) {
-          const uint16_t *k = j < n ? K + (int64_t)j * D : k_new;
+          const uint16_t *k = K + (int64_t)j * D;
           for (int w = 0; w < W; w++) _mm_prefetch((const char *)(V + (int64_t)j * D + 32 * w), _MM_HINT_T0);
           __m512 acc = _mm512_setzero_ps();
           for (int w = 0; w < W; w++) acc = _mm512_dpbf16_ps(acc, qv[w], (__m512bh)_mm512_loadu_si512(k + 32 * w));
@@ -55,7 +53,7 @@ void decode_attention(const uint16_t *q, const uint16_t *key_cache, const uint16
         __m512 o[16];
         for (int w = 0; w < 2 * W; w++) o[w] = _mm512_setzero_ps();
         for (int j = 0; j <= n; j++) {
-          const uint16_t *v = j < n ? V + (int64_t)j * D : v_new;
+          const uint16_t *v = V + (int64_t)j * D;
           for (int w = 0; w < W; w++) _mm_prefetch((const char *)(K + head_stride + (int64_t)j * D + 32 * w), _MM_HINT_T0);
           const __m512 p = _mm512_set1_ps(round_bf16(s[j] * inv_z));
           for (int w = 0; w < 2 * W; w++)

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from nanor1 import decode_attention
 from nanor1.common import compiled, linear, pack_frozen, round_up, version_key
-from nanor1.decode_attention import attend, attend_with_ops
 from nanor1.model.mla import causal_attention_cpu, continuation_keep, masked_attention
 from nanor1.replay import replay_linear
 
@@ -203,12 +203,23 @@ class FastLlama(torch.nn.Module):
                 record += outputs
             return logits
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
+        # bf16 on a CPU: the hand-written kernel (nanor1/decode_attention.py); elsewhere batched matmuls
+        kernel = decode_attention.fits(cache.k, D)
+        if not kernel:
+            keep = torch.arange(cache.k.shape[3], device=tokens.device)[None, :] <= positions[:, None]
+            bias = torch.zeros(keep.shape, dtype=cache.dtype, device=tokens.device).masked_fill_(~keep, float("-inf"))
+            bias = bias[:, None, None]  # (B, 1, 1, capacity)
         for i, layer in enumerate(self.layers()):
             q, k, v = self._qkv(layer, x, cos, sin, record)
-            # grouped-query attention without repeating keys: each kv head serves H // KV query heads
-            o = attend(q.reshape(B, KV, H // KV, D), cache.k[i, slots], cache.v[i, slots], k, v, positions,
-                       self.scale)  # (B, KV, H // KV, D)
             cache.k[i, rows, :, positions], cache.v[i, rows, :, positions] = k[:, :, 0], v[:, :, 0]
+            keys, values = cache.k[i, slots], cache.v[i, slots]  # (B, KV, capacity, D)
+            # grouped-query attention without repeating keys: each kv head serves H // KV query heads
+            q = q.reshape(B, KV, H // KV, D)
+            if kernel:
+                o = decode_attention.attend(q, keys, values, positions, self.scale)
+            else:
+                scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(self.scale)
+                o = torch.matmul(torch.softmax(scores.add_(bias), dim=-1), values)  # (B, KV, H // KV, D)
             x = self._finish(layer, x, o.reshape(B, 1, H * D), record)
         return self._head(x[:, 0], record=record).float()
 
@@ -221,15 +232,18 @@ class FastLlama(torch.nn.Module):
         Returns (B, V) float logits too, and with `record` every matmul's output (`decode`'s record), else []."""
         B = x.shape[0]
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
+        below = torch.arange(keys.shape[3], device=x.device)[None, :] < positions[:, None]
+        bias = torch.zeros(below.shape, device=x.device).masked_fill_(~below, float("-inf"))[:, None, None]
         new_k, new_v, outputs = [], [], [] if record else None
         for layer, K, V in zip(layers, keys, values):
             q, k, v = self._qkv(layer, x, cos, sin, outputs)
             q, k, v = q.reshape(B, KV, H // KV, D), k.reshape(B, KV, 1, D), v.reshape(B, KV, 1, D)
             new_k.append(k[:, :, 0])
             new_v.append(v[:, :, 0])
-            # as ops, which Inductor fuses into one kernel: in a real rollout as fast as the hand-written one
-            # `decode` calls, whose call from the graph costs more (bench/README.md, GRPO)
-            o = attend_with_ops(q, K, V, k, v, positions, self.scale)  # (B, KV, H // KV, D)
+            scores = torch.cat((torch.matmul(q, K.transpose(-1, -2)).float(),
+                                (q.float() * k.float()).sum(-1, keepdim=True)), dim=-1)
+            p = torch.softmax(scores * self.scale + F.pad(bias, (0, 1)), dim=-1).to(V.dtype)
+            o = torch.matmul(p[..., :-1], V) + p[..., -1:] * v  # (B, KV, H // KV, D)
             x = self._finish(layer, x, o.reshape(B, 1, H * D), outputs)
         logits = self._head(x[:, 0], record=outputs).float()
         return logits, torch.stack(new_k, 1), torch.stack(new_v, 1), outputs or []
