@@ -111,9 +111,9 @@ class ModelBackend:
         logits = self._run(self.model.prefill, (idx.to(self.device), self.cache, self._slots(first), last),
                            lambda outputs: self.recording.add_prefill(slots, inverse, outputs))
         slot_t, src = torch.tensor(slots, device=self.device), torch.tensor(first, device=self.device)[inverse]
-        if len(distinct) < len(prompts):  # the repeats copy the cache rows of their prompt's first row
-            self.cache.copy_rows(src, slot_t, T)
         self.cache.lengths[slot_t] = torch.tensor([len(p) for p in prompts], device=self.device)
+        if len(distinct) < len(prompts):  # the repeats take the cache rows of their prompt's first row
+            self.cache.copy_rows(src, slot_t, T)
         return logits[inverse.to(self.device)]
 
     def decode(self, tokens: torch.Tensor, slots: list[int]) -> torch.Tensor:
@@ -125,7 +125,7 @@ class ModelBackend:
         return logits
 
     def release(self, slot: int) -> None:
-        self.cache.lengths[slot] = 0
+        self.cache.release(slot)
 
     def _run(self, forward, args: tuple, add) -> torch.Tensor:
         """forward(*args); while recording, its matmul outputs go to `add`."""

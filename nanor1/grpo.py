@@ -65,7 +65,8 @@ class GRPOConfig:
     rollout_dtype: str = "float32"
     # a Llama-family policy's update forward (and the old and reference log-probs) and its rollout's decode steps
     # under torch.compile: 1.2-1.4x faster updates and ~1.1-1.3x faster rollouts on this CPU after ~1-2 min of
-    # compiling in the first steps, so it pays only in long runs; nanor1 policies refuse it (docs/grpo.md)
+    # compiling in the first steps, so it pays only in long runs; nanor1 policies refuse it (docs/grpo.md). Where
+    # the CPU decode kernel runs (bf16 rollouts, AVX-512 BF16) decode steps stay eager: faster still
     compile: bool = False
     # with mu = 1 the update takes its forward's matmul outputs from the rollout, which computed the same ones,
     # instead of computing them again (a Llama-family policy; nanor1/replay.py), when they take at most this many

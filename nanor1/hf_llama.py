@@ -89,14 +89,23 @@ class LlamaCache:
     Capacity grows in small blocks as sequences lengthen (a model's context is often far longer than a rollout),
     and decode attends over the whole capacity with a mask, so no step copies a strided slice of the cache and
     at most a block of masked keys is read for nothing. A growth copies the cache once per block of tokens.
+
+    With `share_prompts` (the decode-attention kernel reads the cache, nanor1/decode_attention.py), rows that
+    repeat a prompt (GRPO's group) keep no copy of it: slot s reads its first shared[s] positions from slot
+    source[s]. Reading the cache is most of that attention's time, and the prompt is most of the cache. A source
+    released while rows still read from it copies its prompt to them first, so its slot can take a new prompt.
     """
 
-    def __init__(self, n_layers: int, n_slots: int, n_kv: int, head_dim: int, max_len: int, dtype, device):
+    def __init__(self, n_layers: int, n_slots: int, n_kv: int, head_dim: int, max_len: int, dtype, device,
+                 share_prompts: bool = False):
         self.shape = (n_layers, n_slots, n_kv, 0, head_dim)
         self.max_len, self.dtype, self.device = max_len, dtype, device
         self.k = torch.zeros(self.shape, dtype=dtype, device=device)
         self.v = torch.zeros(self.shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(n_slots, dtype=torch.long, device=device)
+        self.share_prompts = share_prompts
+        self.source = torch.arange(n_slots, device=device)  # slot s reads positions < shared[s] from source[s]
+        self.shared = torch.zeros(n_slots, dtype=torch.long, device=device)
 
     def ensure(self, length: int) -> None:
         cap = self.k.shape[3]
@@ -110,8 +119,22 @@ class LlamaCache:
             setattr(self, name, grown)
 
     def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
+        """Rows dst take the first `length` positions of rows src, their prompts' (dst's lengths already set)."""
+        if self.share_prompts:
+            self.source[dst], self.shared[dst] = src, torch.where(src != dst, self.lengths[dst], 0)
+            return
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
+
+    def release(self, slot: int) -> None:
+        readers = ((self.source == slot) & (self.shared > 0)).nonzero()[:, 0]
+        readers = readers[readers != slot]
+        if len(readers):  # they keep decoding: give them their own copy of the prompt
+            n = int(self.shared[readers].max())
+            self.k[:, readers, :, :n] = self.k[:, slot, None, :, :n]
+            self.v[:, readers, :, :n] = self.v[:, slot, None, :, :n]
+            self.source[readers], self.shared[readers] = readers, 0
+        self.source[slot], self.shared[slot], self.lengths[slot] = slot, 0, 0
 
 
 class FastLlama(torch.nn.Module):
@@ -119,7 +142,9 @@ class FastLlama(torch.nn.Module):
 
     def __init__(self, model, compile: bool = False):
         super().__init__()
-        self.hf, self.compile = model, compile  # compile: decode steps under torch.compile (see _decode_step)
+        # compile: decode steps under torch.compile (see _decode_step), unless the CPU decode kernel runs them
+        # (bf16 on CPUs with AVX-512 BF16, nanor1/decode_attention.py), which is faster (bench/README.md, GRPO)
+        self.hf, self.compile = model, compile
         cfg = model.config
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -137,7 +162,7 @@ class FastLlama(torch.nn.Module):
         key = version_key(self._params)
         if key != self._key:
             # compiled, Inductor's matmuls re-lay the plain weights out at each call (bench/README.md, GRPO)
-            pack = torch.Tensor.detach if self.compile else pack_frozen
+            pack = torch.Tensor.detach if self._decode_compiled() else pack_frozen
             with torch.no_grad():
                 self._layers, self._key = _gather(self.hf, pack), key
                 self._head_weight = pack(self.hf.lm_head.weight)
@@ -145,8 +170,15 @@ class FastLlama(torch.nn.Module):
 
     def new_cache(self, n_slots: int, max_len: int | None = None) -> LlamaCache:
         w = self.hf.model.embed_tokens.weight
-        return LlamaCache(len(self.hf.model.layers), n_slots, self.n_kv, self.head_dim,
-                          min(max_len or self.max_seq_len, self.max_seq_len), w.dtype, w.device)
+        cache = LlamaCache(len(self.hf.model.layers), n_slots, self.n_kv, self.head_dim,
+                           min(max_len or self.max_seq_len, self.max_seq_len), w.dtype, w.device)
+        # the decode kernel reads shared prompts; the compiled step and the ops read whole rows
+        cache.share_prompts = decode_attention.fits(cache.k, self.head_dim)
+        return cache
+
+    def _decode_compiled(self) -> bool:
+        w = self.hf.model.embed_tokens.weight
+        return self.compile and not decode_attention.supports(w.device, w.dtype, self.head_dim)
 
     def _qkv(self, layer: _Layer, x: torch.Tensor, cos, sin, record=None, replay=None):
         """Projected, normalised and rotated q (B, H, T, D), k and v (B, KV, T, D). `record` and `replay`, here
@@ -195,7 +227,7 @@ class FastLlama(torch.nn.Module):
         rows = torch.arange(slots.start, slots.stop, device=tokens.device) if isinstance(slots, slice) else slots
         x = self.hf.model.embed_tokens(tokens[:, None])
         cos, sin = self._rope_tables(x, positions[:, None])
-        if self.compile:
+        if self.compile and not cache.share_prompts:
             logits, k, v, outputs = _compiled_decode()(self, self.layers(), x, cache.k[:, slots], cache.v[:, slots],
                                                        cos, sin, positions, record is not None)
             cache.k[:, rows, :, positions], cache.v[:, rows, :, positions] = k, v
@@ -205,19 +237,21 @@ class FastLlama(torch.nn.Module):
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
         # bf16 on a CPU: the hand-written kernel (nanor1/decode_attention.py); elsewhere batched matmuls
         kernel = decode_attention.fits(cache.k, D)
+        assert kernel or not cache.share_prompts, "a cache with shared prompts is read by the kernel alone"
         if not kernel:
             keep = torch.arange(cache.k.shape[3], device=tokens.device)[None, :] <= positions[:, None]
             bias = torch.zeros(keep.shape, dtype=cache.dtype, device=tokens.device).masked_fill_(~keep, float("-inf"))
             bias = bias[:, None, None]  # (B, 1, 1, capacity)
         for i, layer in enumerate(self.layers()):
             q, k, v = self._qkv(layer, x, cos, sin, record)
-            cache.k[i, rows, :, positions], cache.v[i, rows, :, positions] = k[:, :, 0], v[:, :, 0]
-            keys, values = cache.k[i, slots], cache.v[i, slots]  # (B, KV, capacity, D)
             # grouped-query attention without repeating keys: each kv head serves H // KV query heads
             q = q.reshape(B, KV, H // KV, D)
-            if kernel:
-                o = decode_attention.attend(q, keys, values, positions, self.scale)
+            if kernel:  # it writes k and v into the cache too
+                o = decode_attention.attend(q, k, v, cache.k[i], cache.v[i], rows, cache.source[rows],
+                                            cache.shared[rows], positions, self.scale)
             else:
+                cache.k[i, rows, :, positions], cache.v[i, rows, :, positions] = k[:, :, 0], v[:, :, 0]
+                keys, values = cache.k[i, slots], cache.v[i, slots]  # (B, KV, capacity, D)
                 scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(self.scale)
                 o = torch.matmul(torch.softmax(scores.add_(bias), dim=-1), values)  # (B, KV, H // KV, D)
             x = self._finish(layer, x, o.reshape(B, 1, H * D), record)

@@ -44,6 +44,9 @@ class KVCache:
     def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
         self.kv[:, dst, :length] = self.kv[:, src, :length]
 
+    def release(self, slot: int) -> None:
+        self.lengths[slot] = 0
+
 
 def _causal_attention(q, k, v, scale: float) -> torch.Tensor:
     """(B, H, T, d) queries and keys, (B, H, T, v_dim) values -> (B, H, T, v_dim); fused kernels on GPUs."""
