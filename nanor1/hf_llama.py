@@ -21,13 +21,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nanor1 import decode_attention
-from nanor1.common import compiled, linear, pack_frozen, round_up, version_key
+from nanor1 import cpu_decode
+from nanor1.common import compiled, linear, pack_frozen, version_key
+from nanor1.llama_cache import LlamaCache
 from nanor1.model.mla import causal_attention_cpu, continuation_keep, masked_attention
 from nanor1.replay import replay_linear
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
-_BLOCK = 16  # cache positions are added this many at a time
 
 
 def supports(model, max_seq_len: int, training: bool = False) -> bool:
@@ -83,67 +83,13 @@ def _gather(model, pack) -> list[_Layer]:
     return out
 
 
-class LlamaCache:
-    """Keys and values of every layer per slot: k, v (n_layers, n_slots, n_kv_heads, capacity, head_dim).
-
-    Capacity grows in small blocks as sequences lengthen (a model's context is often far longer than a rollout),
-    and decode attends over the whole capacity with a mask, so no step copies a strided slice of the cache and
-    at most a block of masked keys is read for nothing. A growth copies the cache once per block of tokens.
-
-    With `share_prompts` (the decode-attention kernel reads the cache, nanor1/decode_attention.py), rows that
-    repeat a prompt (GRPO's group) keep no copy of it: slot s reads its first shared[s] positions from slot
-    source[s]. Reading the cache is most of that attention's time, and the prompt is most of the cache. A source
-    released while rows still read from it copies its prompt to them first, so its slot can take a new prompt.
-    """
-
-    def __init__(self, n_layers: int, n_slots: int, n_kv: int, head_dim: int, max_len: int, dtype, device,
-                 share_prompts: bool = False):
-        self.shape = (n_layers, n_slots, n_kv, 0, head_dim)
-        self.max_len, self.dtype, self.device = max_len, dtype, device
-        self.k = torch.zeros(self.shape, dtype=dtype, device=device)
-        self.v = torch.zeros(self.shape, dtype=dtype, device=device)
-        self.lengths = torch.zeros(n_slots, dtype=torch.long, device=device)
-        self.share_prompts = share_prompts
-        self.source = torch.arange(n_slots, device=device)  # slot s reads positions < shared[s] from source[s]
-        self.shared = torch.zeros(n_slots, dtype=torch.long, device=device)
-
-    def ensure(self, length: int) -> None:
-        cap = self.k.shape[3]
-        if length <= cap:
-            return
-        new = min(self.max_len, round_up(length, _BLOCK))
-        shape = (*self.shape[:3], new, self.shape[4])
-        for name in ("k", "v"):
-            grown = torch.zeros(shape, dtype=self.dtype, device=self.device)  # zeros: masked keys stay finite
-            grown[:, :, :, :cap] = getattr(self, name)
-            setattr(self, name, grown)
-
-    def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
-        """Rows dst take the first `length` positions of rows src, their prompts' (dst's lengths already set)."""
-        if self.share_prompts:
-            self.source[dst], self.shared[dst] = src, torch.where(src != dst, self.lengths[dst], 0)
-            return
-        self.k[:, dst, :, :length] = self.k[:, src, :, :length]
-        self.v[:, dst, :, :length] = self.v[:, src, :, :length]
-
-    def release(self, slot: int) -> None:
-        readers = ((self.source == slot) & (self.shared > 0)).nonzero()[:, 0]
-        readers = readers[readers != slot]
-        if len(readers):  # they keep decoding: give them their own copy of the prompt
-            n = int(self.shared[readers].max())
-            self.k[:, readers, :, :n] = self.k[:, slot, None, :, :n]
-            self.v[:, readers, :, :n] = self.v[:, slot, None, :, :n]
-            self.source[readers], self.shared[readers] = readers, 0
-        self.source[slot], self.shared[slot], self.lengths[slot] = slot, 0, 0
-
-
 class FastLlama(torch.nn.Module):
     """A transformers Llama-family causal LM behind nanor1's model interface (see `Transformer.prefill`)."""
 
     def __init__(self, model, compile: bool = False):
         super().__init__()
         # compile: decode steps under torch.compile (see _decode_step), unless the CPU decode kernel runs them
-        # (bf16 on CPUs with AVX-512 BF16, nanor1/decode_attention.py), which is faster (bench/README.md, GRPO)
+        # (bf16 on CPUs with AVX-512 BF16, nanor1/cpu_decode.py), which is faster (bench/README.md, GRPO)
         self.hf, self.compile = model, compile
         cfg = model.config
         self.n_heads, self.n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -172,13 +118,19 @@ class FastLlama(torch.nn.Module):
         w = self.hf.model.embed_tokens.weight
         cache = LlamaCache(len(self.hf.model.layers), n_slots, self.n_kv, self.head_dim,
                            min(max_len or self.max_seq_len, self.max_seq_len), w.dtype, w.device)
-        # the decode kernel reads shared prompts; the compiled step and the ops read whole rows
-        cache.share_prompts = decode_attention.fits(cache.k, self.head_dim)
+        # the decode kernels read shared prompts; the compiled step and the ops read whole rows
+        cache.share_prompts = self._runs_kernels(w.device, w.dtype)
         return cache
+
+    def _runs_kernels(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether decode steps over a cache of this device and dtype run nanor1/cpu_decode.py's CPU kernels
+        (`_decode_with_kernels`): bf16 throughout, where they were built."""
+        return (cpu_decode.supports(device, dtype, self.head_dim)
+                and self.hf.model.norm.weight.dtype == torch.bfloat16)
 
     def _decode_compiled(self) -> bool:
         w = self.hf.model.embed_tokens.weight
-        return self.compile and not decode_attention.supports(w.device, w.dtype, self.head_dim)
+        return self.compile and not self._runs_kernels(w.device, w.dtype)
 
     def _qkv(self, layer: _Layer, x: torch.Tensor, cos, sin, record=None, replay=None):
         """Projected, normalised and rotated q (B, H, T, D), k and v (B, KV, T, D). `record` and `replay`, here
@@ -227,35 +179,55 @@ class FastLlama(torch.nn.Module):
         rows = torch.arange(slots.start, slots.stop, device=tokens.device) if isinstance(slots, slice) else slots
         x = self.hf.model.embed_tokens(tokens[:, None])
         cos, sin = self._rope_tables(x, positions[:, None])
-        if self.compile and not cache.share_prompts:
+        kernels = self._runs_kernels(cache.k.device, cache.dtype)
+        if self.compile and not kernels:
             logits, k, v, outputs = _compiled_decode()(self, self.layers(), x, cache.k[:, slots], cache.v[:, slots],
                                                        cos, sin, positions, record is not None)
             cache.k[:, rows, :, positions], cache.v[:, rows, :, positions] = k, v
             if record is not None:
                 record += outputs
             return logits
+        if kernels:
+            return self._decode_with_kernels(x, cache, rows, positions, cos, sin, record)
+        assert not cache.share_prompts, "a cache with shared prompts is read by the kernel alone"
         H, KV, D = self.n_heads, self.n_kv, self.head_dim
-        # bf16 on a CPU: the hand-written kernel (nanor1/decode_attention.py); elsewhere batched matmuls
-        kernel = decode_attention.fits(cache.k, D)
-        assert kernel or not cache.share_prompts, "a cache with shared prompts is read by the kernel alone"
-        if not kernel:
-            keep = torch.arange(cache.k.shape[3], device=tokens.device)[None, :] <= positions[:, None]
-            bias = torch.zeros(keep.shape, dtype=cache.dtype, device=tokens.device).masked_fill_(~keep, float("-inf"))
-            bias = bias[:, None, None]  # (B, 1, 1, capacity)
+        keep = torch.arange(cache.k.shape[3], device=tokens.device)[None, :] <= positions[:, None]
+        bias = torch.zeros(keep.shape, dtype=cache.dtype, device=tokens.device).masked_fill_(~keep, float("-inf"))
+        bias = bias[:, None, None]  # (B, 1, 1, capacity)
         for i, layer in enumerate(self.layers()):
             q, k, v = self._qkv(layer, x, cos, sin, record)
+            cache.k[i, rows, :, positions], cache.v[i, rows, :, positions] = k[:, :, 0], v[:, :, 0]
+            keys, values = cache.k[i, slots], cache.v[i, slots]  # (B, KV, capacity, D)
             # grouped-query attention without repeating keys: each kv head serves H // KV query heads
-            q = q.reshape(B, KV, H // KV, D)
-            if kernel:  # it writes k and v into the cache too
-                o = decode_attention.attend(q, k, v, cache.k[i], cache.v[i], rows, cache.source[rows],
-                                            cache.shared[rows], positions, self.scale)
-            else:
-                cache.k[i, rows, :, positions], cache.v[i, rows, :, positions] = k[:, :, 0], v[:, :, 0]
-                keys, values = cache.k[i, slots], cache.v[i, slots]  # (B, KV, capacity, D)
-                scores = torch.matmul(q, keys.transpose(-1, -2)).mul_(self.scale)
-                o = torch.matmul(torch.softmax(scores.add_(bias), dim=-1), values)  # (B, KV, H // KV, D)
+            scores = torch.matmul(q.reshape(B, KV, H // KV, D), keys.transpose(-1, -2)).mul_(self.scale)
+            o = torch.matmul(torch.softmax(scores.add_(bias), dim=-1), values)  # (B, KV, H // KV, D)
             x = self._finish(layer, x, o.reshape(B, 1, H * D), record)
         return self._head(x[:, 0], record=record).float()
+
+    def _decode_with_kernels(self, x: torch.Tensor, cache: LlamaCache, rows: torch.Tensor, positions: torch.Tensor,
+                             cos, sin, record: list | None) -> torch.Tensor:
+        """`decode`'s layers where nanor1/cpu_decode.py's kernels run: the attention (which rotates q and k, writes
+        the new keys and values and reads shared prompts), each residual add with the RMSNorm after it, and
+        SwiGLU's product, one call each in place of a few torch ops, whose launches are most of an eager step's
+        time besides its matmuls at GRPO's sizes. The same roundings as the ops'; `record` as in `decode`."""
+        B, H, KV, D = x.shape[0], self.n_heads, self.n_kv, self.head_dim
+        layers = self.layers()
+        norms = [layer.norm1 for layer in layers[1:]] + [self.hf.model.norm]  # the norm after each layer
+        source, shared = cache.source[rows], cache.shared[rows]
+        h = cpu_decode.add_rms_norm(x, None, layers[0].norm1.weight, layers[0].norm1.variance_epsilon)
+        for i, (layer, norm) in enumerate(zip(layers, norms)):
+            qkv = _linear(h, layer.qkv, layer.qkv_bias, record).view(B, -1, D)  # (B, H + 2 KV, D)
+            if layer.q_norm is not None:
+                q, k, v = qkv.split((H, KV, KV), dim=1)
+                qkv = torch.cat((_norm(layer.q_norm, q), _norm(layer.k_norm, k), v), dim=1)
+            # the kernel rotates q and k, and writes k and v into the cache
+            o = cpu_decode.attend(qkv, cos, sin, cache.k[i], cache.v[i], rows, source, shared, positions, self.scale,
+                                  KV)
+            y = _linear(o.reshape(B, 1, H * D), layer.o, layer.o_bias, record)
+            h = cpu_decode.add_rms_norm(x, y, layer.norm2.weight, layer.norm2.variance_epsilon)  # x += y
+            y = _linear(cpu_decode.silu_mul(_linear(h, layer.gate_up, None, record)), layer.down, None, record)
+            h = cpu_decode.add_rms_norm(x, y, norm.weight, norm.variance_epsilon)
+        return _linear(h[:, 0], self._head_weight, self.hf.lm_head.bias, record).float()
 
     def _decode_step(self, layers: list[_Layer], x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, cos, sin,
                      positions: torch.Tensor, record: bool):

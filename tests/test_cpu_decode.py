@@ -1,4 +1,4 @@
-"""The decode-step attention kernel against attention written out in float32, and inside FastLlama's decode."""
+"""The CPU decode kernels against their torch ops (attention in float32), and inside FastLlama's decode."""
 
 from unittest import mock
 
@@ -6,12 +6,12 @@ import pytest
 import torch
 from test_hf_llama import VOCAB, _decode_against_transformers, _family
 
-from nanor1 import decode_attention
+from nanor1 import cpu_decode
 from nanor1.common import _can_pack_bf16
 from nanor1.engine import ModelBackend
-from nanor1.hf_llama import FastLlama
+from nanor1.hf_llama import FastLlama, _rope
 
-needs_kernel = pytest.mark.skipif(decode_attention.kernel() is None,
+needs_kernel = pytest.mark.skipif(cpu_decode.kernel() is None,
                                   reason="no C compiler or no AVX-512 BF16 on this CPU")
 
 
@@ -33,7 +33,9 @@ def test_kernel_matches_float32_attention(B, KV, G, C, D):
     g = torch.Generator().manual_seed(0)
     n_slots = B + 3
     cache_k, cache_v = (torch.randn(n_slots, KV, C, D, generator=g).bfloat16() for _ in range(2))
-    q = torch.randn(B, KV, G, D, generator=g).bfloat16()
+    qkv = torch.randn(B, KV * G + 2 * KV, D, generator=g).bfloat16()
+    angles = torch.rand(B, 1, 1, D // 2, generator=g) * 6
+    cos, sin = (f(torch.cat((angles, angles), dim=-1)).bfloat16() for f in (torch.cos, torch.sin))
     slots = torch.randperm(n_slots, generator=g)
     rows = slots[:B]  # slots in any order, not all of them
     positions = torch.randint(0, C, (B,), generator=g)
@@ -43,30 +45,59 @@ def test_kernel_matches_float32_attention(B, KV, G, C, D):
     source, shared = rows.clone(), torch.zeros(B, dtype=torch.long)
     source[1], shared[1] = slots[B], int(positions[1]) // 2
     source[2], shared[2] = slots[B + 1], C
-    k, v = (torch.randn(B, KV, 1, D, generator=g).bfloat16() for _ in range(2))
-    assert decode_attention.fits(cache_k, D)
-    before_k, before_v = cache_k.clone(), cache_v.clone()
-    out = decode_attention.attend(q, k, v, cache_k, cache_v, rows, source, shared, positions, D ** -0.5)
-    assert out.dtype == torch.bfloat16 and out.shape == q.shape
-    # the new keys and values are written at each row's position, and nothing else is
-    before_k[rows, :, positions], before_v[rows, :, positions] = k[:, :, 0], v[:, :, 0]
-    assert torch.equal(cache_k, before_k) and torch.equal(cache_v, before_v)
-    expected = reference(q, cache_k, cache_v, rows, source, shared, positions, D ** -0.5)
+    assert cpu_decode.supports(cache_k.device, cache_k.dtype, D)
+    expected_k, expected_v = cache_k.clone(), cache_v.clone()
+    out = cpu_decode.attend(qkv, cos, sin, cache_k, cache_v, rows, source, shared, positions, D ** -0.5, KV)
+    assert out.dtype == torch.bfloat16 and out.shape == (B, KV, G, D)
+    # the rotated new keys (FastLlama's ops, bit for bit) and the values are written at each row's position,
+    # and nothing else is
+    q, k, v = qkv[:, None].split((KV * G, KV, KV), dim=2)  # (B, 1, heads, D)
+    q, k = (_rope(t.transpose(1, 2), cos, sin) for t in (q, k))  # (B, heads, 1, D)
+    expected_k[rows, :, positions], expected_v[rows, :, positions] = k[:, :, 0], v[:, 0]
+    assert torch.equal(cache_k, expected_k) and torch.equal(cache_v, expected_v)
+    expected = reference(q.reshape(B, KV, G, D), cache_k, cache_v, rows, source, shared, positions, D ** -0.5)
     # bf16 output and bf16 probabilities, as torch's bf16 attention: a few bf16 ulps of values of order 1
     torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)
 
 
 @needs_kernel
-def test_bf16_decoding_through_the_kernel_gives_transformers_logits(monkeypatch):
-    """FastLlama's eager decode of a bf16 Llama (head_dim 32, grouped-query attention) attends through the
-    kernel, also over slots that stop being one contiguous run, and still gives transformers' logits to bf16's
-    precision (as the compiled bf16 decode's test)."""
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_bf16_decoding_through_the_kernels_gives_transformers_logits(name, monkeypatch):
+    """FastLlama's eager decode of a bf16 Llama (head_dim 32, grouped-query attention) or Qwen3 (head_dim 128,
+    normalised q and k heads) runs through the kernels, also over slots that stop being one contiguous run and a
+    repeated prompt, and still gives transformers' logits to bf16's precision (as the compiled bf16 decode's
+    test)."""
     calls = []
-    built = decode_attention.kernel()
-    monkeypatch.setattr(decode_attention, "kernel", lambda: (lambda *a: calls.append(1) or built(*a)))
-    model = _family("llama", hidden_size=128).to(torch.bfloat16)
+    built = cpu_decode.kernel()
+
+    class Counting:
+        def __getattr__(self, name):
+            return lambda *a: calls.append(name) or getattr(built, name)(*a)
+
+    monkeypatch.setattr(cpu_decode, "kernel", lambda: Counting())
+    model = _family(name, hidden_size=128).to(torch.bfloat16)
     _decode_against_transformers(model, FastLlama(model), 0.1)
-    assert len(calls) == 70 * model.config.num_hidden_layers
+    n = model.config.num_hidden_layers
+    assert calls.count("decode_attention") == 70 * n and calls.count("silu_mul") == 70 * n
+    assert calls.count("add_rms_norm") == 70 * (2 * n + 1)
+
+
+@needs_kernel
+def test_norm_and_swiglu_kernels_round_as_the_ops():
+    g = torch.Generator().manual_seed(4)
+    x, y = (torch.randn(6, 1, 96, generator=g).bfloat16() * 3 for _ in range(2))
+    w = (1 + 0.1 * torch.randn(96, generator=g)).bfloat16()
+    summed = x + y
+    xf = summed.float()
+    expected = w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
+    out = cpu_decode.add_rms_norm(x, y, w, 1e-6)
+    assert torch.equal(x, summed)  # in place
+    torch.testing.assert_close(out, expected, atol=0, rtol=2 ** -7)  # at most one bf16 rounding apart
+    assert (out != expected).float().mean() < 0.02
+    gate_up = torch.randn(6, 1, 2 * 80, generator=g).bfloat16() * 3
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(cpu_decode.silu_mul(gate_up), torch.nn.functional.silu(gate) * up,
+                               atol=0, rtol=2 ** -7)
 
 
 @needs_kernel
@@ -117,22 +148,24 @@ def test_compile_true_decodes_through_the_kernel_where_it_runs():
     assert fast.layers()[0].qkv.is_mkldnn or not _can_pack_bf16()
 
 
-def test_where_the_kernel_does_not_fit_the_ops_run(monkeypatch):
-    keys = torch.zeros(2, 2, 16, 64, dtype=torch.bfloat16)
-    monkeypatch.setattr(decode_attention, "kernel", lambda: None)  # as on a CPU without AVX-512 BF16
-    assert not decode_attention.fits(keys, 64)
-    monkeypatch.setattr(decode_attention, "kernel", lambda: object())
-    assert decode_attention.fits(keys, 64)
-    assert not decode_attention.fits(keys.float(), 64) and not decode_attention.fits(keys[..., :48], 48)
-    assert not decode_attention.fits(keys[..., :16], 16)  # head_dim not a multiple of 32
+def test_where_the_kernels_do_not_run_the_ops_do(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(cpu_decode, "kernel", lambda: None)  # as on a CPU without AVX-512 BF16
+    assert not cpu_decode.supports(cpu, torch.bfloat16, 64)
+    monkeypatch.setattr(cpu_decode, "kernel", lambda: object())
+    assert cpu_decode.supports(cpu, torch.bfloat16, 64)
+    assert not cpu_decode.supports(cpu, torch.float32, 64)
+    assert not cpu_decode.supports(cpu, torch.bfloat16, 48)  # head_dim not a multiple of 32
+    model = _family("llama", hidden_size=128)  # float32: a cache of whole rows, the ops' decode
+    assert not FastLlama(model).new_cache(2).share_prompts
 
 
 def test_the_kernel_leaves_the_floating_point_mode_alone():
     """Linked with -ffast-math, a library turns on flush-to-zero for the whole process when it loads."""
-    decode_attention.kernel()
+    cpu_decode.kernel()
     assert (torch.tensor([1e-39]) * 1.0).item() != 0.0
 
 
 def test_a_kernel_that_cannot_be_built_is_none(monkeypatch):
     monkeypatch.setenv("CC", "false")  # a compiler that always fails
-    assert decode_attention.kernel.__wrapped__() is None
+    assert cpu_decode.kernel.__wrapped__() is None
