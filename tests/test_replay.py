@@ -71,6 +71,17 @@ def test_replayed_update_gives_the_recomputed_log_probs_and_gradients(name, step
     assert_replay_matches(_family(name).train(), step_function, False, [(torch.float32, 1e-5, 1e-4)])
 
 
+def test_replay_of_a_rollout_through_the_cpu_decode_kernels():
+    """A bf16 Llama with head_dim 32 samples through nanor1/cpu_decode.py's kernels (shared prompts, sources
+    released while their group still decodes): its recording replays to the recomputed bf16 log-probs and
+    gradients, to bf16's rounding (the kernels round as the ops do, the update's norms in float32)."""
+    from nanor1 import cpu_decode
+    if cpu_decode.kernel() is None:
+        pytest.skip("no C compiler or no AVX-512 BF16 on this CPU")
+    assert_replay_matches(_family("llama", hidden_size=128).to(torch.bfloat16).train(), False, False,
+                          [(torch.bfloat16, 0.05, 0.1)])
+
+
 def test_a_recording_of_requests_admitted_in_turns_is_not_replayed():
     """More requests than slots: the later ones join as the first finish, so decode steps no longer line up with
     each completion's positions; the recording says so and refuses to replay."""
