@@ -213,7 +213,7 @@ class FastLlama(torch.nn.Module):
         B, H, KV, D = x.shape[0], self.n_heads, self.n_kv, self.head_dim
         layers = self.layers()
         norms = [layer.norm1 for layer in layers[1:]] + [self.hf.model.norm]  # the norm after each layer
-        source, shared = cache.source[rows], cache.shared[rows]
+        source, shared = cache.sharing(rows.tolist())
         h = cpu_decode.add_rms_norm(x, None, layers[0].norm1.weight, layers[0].norm1.variance_epsilon)
         for i, (layer, norm) in enumerate(zip(layers, norms)):
             qkv = _linear(h, layer.qkv, layer.qkv_bias, record).view(B, -1, D)  # (B, H + 2 KV, D)

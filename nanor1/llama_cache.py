@@ -31,8 +31,9 @@ class LlamaCache:
         self.v = torch.zeros(self.shape, dtype=dtype, device=device)
         self.lengths = torch.zeros(n_slots, dtype=torch.long, device=device)
         self.share_prompts = share_prompts
-        self.source = torch.arange(n_slots, device=device)  # slot s reads positions < shared[s] from source[s]
-        self.shared = torch.zeros(n_slots, dtype=torch.long, device=device)
+        # slot s reads its positions below shared[s] from slot source[s]; Python lists, as releases and admissions
+        # change single entries, and the decode kernel takes them per step as (B,) tensors (`sharing`)
+        self.source, self.shared = list(range(n_slots)), [0] * n_slots
 
     def ensure(self, length: int) -> None:
         cap = self.k.shape[3]
@@ -48,17 +49,25 @@ class LlamaCache:
     def copy_rows(self, src: torch.Tensor, dst: torch.Tensor, length: int) -> None:
         """Rows dst take the first `length` positions of rows src, their prompts' (dst's lengths already set)."""
         if self.share_prompts:
-            self.source[dst], self.shared[dst] = src, torch.where(src != dst, self.lengths[dst], 0)
+            for s, d, n in zip(src.tolist(), dst.tolist(), self.lengths[dst].tolist()):
+                if s != d:
+                    self.source[d], self.shared[d] = s, n
             return
         self.k[:, dst, :, :length] = self.k[:, src, :, :length]
         self.v[:, dst, :, :length] = self.v[:, src, :, :length]
 
+    def sharing(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(source, shared) of these slots, as (B,) tensors for the decode kernel."""
+        return (torch.tensor([self.source[r] for r in rows], device=self.device),
+                torch.tensor([self.shared[r] for r in rows], device=self.device))
+
     def release(self, slot: int) -> None:
-        readers = ((self.source == slot) & (self.shared > 0)).nonzero()[:, 0]
-        readers = readers[readers != slot]
-        if len(readers):  # they keep decoding: give them their own copy of the prompt
-            n = int(self.shared[readers].max())
-            self.k[:, readers, :, :n] = self.k[:, slot, None, :, :n]
-            self.v[:, readers, :, :n] = self.v[:, slot, None, :, :n]
-            self.source[readers], self.shared[readers] = readers, 0
-        self.source[slot], self.shared[slot], self.lengths[slot] = slot, 0, 0
+        readers = [d for d, s in enumerate(self.source) if s == slot and d != slot]
+        if readers:  # they keep decoding: give them their own copy of the prompt
+            n, index = max(self.shared[d] for d in readers), torch.tensor(readers, device=self.device)
+            self.k[:, index, :, :n] = self.k[:, slot, None, :, :n]
+            self.v[:, index, :, :n] = self.v[:, slot, None, :, :n]
+            for d in readers:
+                self.source[d], self.shared[d] = d, 0
+        self.source[slot], self.shared[slot] = slot, 0  # a reader itself: its next prompt is its own
+        self.lengths[slot] = 0

@@ -101,39 +101,44 @@ def test_norm_and_swiglu_kernels_round_as_the_ops():
 
 
 @needs_kernel
-def test_a_released_prompt_source_hands_its_prompt_to_the_rows_still_reading_it():
-    """Slots 2 and 3 repeat slot 0's prompt and read it from slot 0. Slot 0 finishes first and takes a new
-    prompt: 2 and 3 must keep their prompt (a copy, made at the release) and every row must still give
-    transformers' logits for its own sequence."""
+def test_released_slots_of_a_shared_prompt_take_new_prompts():
+    """Slots 2 and 3 repeat slot 0's prompt and read it from slot 0. Slot 3 (a reader) finishes first and takes a
+    prompt of its own, which it must read from itself; then slot 0 (the source) finishes and takes another, and
+    slot 2 must keep its prompt (a copy, made at the release). Every row must still give transformers' logits for
+    its own sequence."""
     model = _family("llama", hidden_size=128).to(torch.bfloat16)
     backend = ModelBackend(FastLlama(model), n_slots=4)
     cache = backend.cache
     g = torch.Generator().manual_seed(3)
-    a, b, c = (torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (7, 4, 11))
+    a, b, c, d = (torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (7, 4, 11, 5))
     seqs, logits = [list(a), list(b), list(a), list(a)], [[], [], [], []]
-    starts = [len(a) - 1, len(b) - 1, len(a) - 1, len(a) - 1]  # where each slot's logits begin
 
-    def step(slots, n):
+    def restart(slot, prompt):
+        seqs[slot], logits[slot] = list(prompt), [backend.prefill([prompt], [slot])[0]]
+
+    def step(n):
         for _ in range(n):
-            tokens = torch.randint(0, VOCAB, (len(slots),), generator=g)
-            for slot, t, row in zip(slots, tokens.tolist(), backend.decode(tokens, slots)):
+            tokens = torch.randint(0, VOCAB, (4,), generator=g)
+            for slot, t, row in zip(range(4), tokens.tolist(), backend.decode(tokens, [0, 1, 2, 3])):
                 logits[slot].append(row)
                 seqs[slot].append(t)
 
     for slot, row in zip(range(4), backend.prefill(seqs, [0, 1, 2, 3])):
         logits[slot].append(row)
-    assert cache.share_prompts and cache.source.tolist() == [0, 1, 0, 0] and cache.shared[2:].tolist() == [7, 7]
-    step([0, 1, 2, 3], 5)
+    assert cache.share_prompts and cache.source == [0, 1, 0, 0] and cache.shared == [0, 0, 7, 7]
+    step(5)
+    backend.release(3)
+    assert cache.source == [0, 1, 0, 3] and cache.shared == [0, 0, 7, 0]
+    restart(3, d)
+    step(3)
     backend.release(0)
-    assert cache.source.tolist() == [0, 1, 2, 3] and cache.shared.tolist() == [0, 0, 0, 0]
-    for seq in (seqs[0], logits[0]):
-        seq.clear()
-    seqs[0], starts[0] = list(c), len(c) - 1
-    logits[0].append(backend.prefill([c], [0])[0])
-    step([0, 1, 2, 3], 6)
+    assert cache.source == [0, 1, 2, 3] and cache.shared == [0, 0, 0, 0]
+    restart(0, c)
+    step(6)
     for slot in range(4):
+        prompt = {0: c, 1: b, 2: a, 3: d}[slot]
         with torch.no_grad():
-            ref = model(torch.tensor([seqs[slot]])).logits[0, starts[slot]:].float()
+            ref = model(torch.tensor([seqs[slot]])).logits[0, len(prompt) - 1:].float()
         assert (torch.stack(logits[slot]) - ref).abs().max() < 0.1, slot
 
 
