@@ -63,10 +63,10 @@ class GRPOConfig:
     # each rollout (faster matmuls, as vLLM-style trainers do); old log-probs are recomputed in training
     # numerics either way, so the update is unchanged; nanor1's own decode gains little from it on CPUs
     rollout_dtype: str = "float32"
-    # a Llama-family policy's update forward (and the old and reference log-probs) and its rollout's decode steps
-    # under torch.compile: 1.2-1.4x faster updates and ~1.1-1.3x faster rollouts on this CPU after ~1-2 min of
-    # compiling in the first steps, so it pays only in long runs; nanor1 policies refuse it (docs/grpo.md). Where
-    # the CPU decode kernel runs (bf16 rollouts, AVX-512 BF16) decode steps stay eager: faster still
+    # a Llama-family policy's update forward (and the old and reference log-probs) under torch.compile, 1.2-1.4x
+    # faster on this CPU after ~1-2 min of compiling in the first steps, so it pays only in long runs; its rollout's
+    # decode steps too, except where nanor1's CPU decode kernels run them (bf16 rollouts on CPUs with AVX-512 BF16,
+    # faster than compiled: nanor1/cpu_decode.py). nanor1 policies refuse it (docs/grpo.md)
     compile: bool = False
     # with mu = 1 the update takes its forward's matmul outputs from the rollout, which computed the same ones,
     # instead of computing them again (a Llama-family policy; nanor1/replay.py), when they take at most this many

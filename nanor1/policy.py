@@ -98,7 +98,7 @@ class Policy:
                compile: bool = False) -> Engine:
         """An engine that samples from this policy. `compile`: decode steps under torch.compile, for Llama-family
         models (other Hugging Face architectures sample through transformers' forward; nanor1 models refuse it),
-        except where nanor1's CPU decode kernel runs them, which is faster (nanor1/hf_llama.py)."""
+        except where nanor1's CPU decode kernels run them, which is faster (nanor1/cpu_decode.py)."""
         if self.kind == "nanor1":
             if compile:
                 raise NanoR1Error("compiled sampling is for Llama-family policies; run with compile=false")
