@@ -49,6 +49,7 @@ def attend(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_cache: t
     B, heads, D = qkv.shape
     G = (heads - 2 * n_kv) // n_kv
     assert key_cache.stride() == value_cache.stride() and key_cache.stride()[2:] == (D, 1), "a cache's layout"
+    assert qkv.dtype == cos.dtype == sin.dtype == key_cache.dtype == value_cache.dtype == torch.bfloat16
     out = qkv.new_empty(B, n_kv, G, D)
     tensors = [qkv.contiguous(), cos.reshape(B, D).contiguous(), sin.reshape(B, D).contiguous(), key_cache,
                value_cache, *(t.long().contiguous() for t in (rows, source, shared, positions)), out]
@@ -84,6 +85,8 @@ def kernel():
 def add_rms_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x += y in place (when y is given), then the Llama family's RMSNorm of x, as its bf16 ops round it. x, y
     (..., C) contiguous bf16, weight (C,) bf16."""
+    assert x.dtype == weight.dtype == torch.bfloat16 and (y is None or y.dtype == x.dtype), "bf16 tensors only"
+    assert x.is_contiguous() and (y is None or y.is_contiguous()), "contiguous tensors only"
     out = torch.empty_like(x)
     kernel().add_rms_norm(x.data_ptr(), None if y is None else y.data_ptr(), weight.data_ptr(), out.data_ptr(),
                           x.numel() // x.shape[-1], x.shape[-1], eps)
@@ -92,6 +95,7 @@ def add_rms_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for gate_up (..., 2F) contiguous bf16, as torch's bf16 ops round it; returns (..., F)."""
+    assert gate_up.dtype == torch.bfloat16 and gate_up.is_contiguous(), "contiguous bf16 tensors only"
     F = gate_up.shape[-1] // 2
     out = gate_up.new_empty(*gate_up.shape[:-1], F)
     kernel().silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * F), F)
