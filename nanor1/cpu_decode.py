@@ -34,7 +34,7 @@ _LINK = ["-shared", "-fopenmp"]
 def supports(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     """Whether the kernel runs a cache of this device, dtype and head size: bf16 on a CPU where it was built."""
     return (device.type == "cpu" and dtype == torch.bfloat16 and head_dim % 32 == 0 and head_dim <= 256
-            and kernel() is not None)
+            and library() is not None)
 
 
 def attend(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_cache: torch.Tensor,
@@ -53,13 +53,13 @@ def attend(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, key_cache: t
     out = qkv.new_empty(B, n_kv, G, D)
     tensors = [qkv.contiguous(), cos.reshape(B, D).contiguous(), sin.reshape(B, D).contiguous(), key_cache,
                value_cache, *(t.long().contiguous() for t in (rows, source, shared, positions)), out]
-    kernel().decode_attention(*(t.data_ptr() for t in tensors), B, n_kv, G, D, key_cache.stride(0),
+    library().decode_attention(*(t.data_ptr() for t in tensors), B, n_kv, G, D, key_cache.stride(0),
                               key_cache.stride(1), scale)
     return out
 
 
 @functools.cache
-def kernel():
+def library():
     """The compiled kernels (a ctypes library), or None where they cannot be built here."""
     if os.environ.get("NANOR1_DECODE_KERNEL", "1") == "0":
         return None
@@ -88,7 +88,7 @@ def add_rms_norm(x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, 
     assert x.dtype == weight.dtype == torch.bfloat16 and (y is None or y.dtype == x.dtype), "bf16 tensors only"
     assert x.is_contiguous() and (y is None or y.is_contiguous()), "contiguous tensors only"
     out = torch.empty_like(x)
-    kernel().add_rms_norm(x.data_ptr(), None if y is None else y.data_ptr(), weight.data_ptr(), out.data_ptr(),
+    library().add_rms_norm(x.data_ptr(), None if y is None else y.data_ptr(), weight.data_ptr(), out.data_ptr(),
                           x.numel() // x.shape[-1], x.shape[-1], eps)
     return out
 
@@ -98,5 +98,5 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     assert gate_up.dtype == torch.bfloat16 and gate_up.is_contiguous(), "contiguous bf16 tensors only"
     F = gate_up.shape[-1] // 2
     out = gate_up.new_empty(*gate_up.shape[:-1], F)
-    kernel().silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * F), F)
+    library().silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * F), F)
     return out

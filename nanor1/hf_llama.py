@@ -116,11 +116,10 @@ class FastLlama(torch.nn.Module):
 
     def new_cache(self, n_slots: int, max_len: int | None = None) -> LlamaCache:
         w = self.hf.model.embed_tokens.weight
-        cache = LlamaCache(len(self.hf.model.layers), n_slots, self.n_kv, self.head_dim,
-                           min(max_len or self.max_seq_len, self.max_seq_len), w.dtype, w.device)
         # the decode kernels read shared prompts; the compiled step and the ops read whole rows
-        cache.share_prompts = self._runs_kernels(w.device, w.dtype)
-        return cache
+        return LlamaCache(len(self.hf.model.layers), n_slots, self.n_kv, self.head_dim,
+                          min(max_len or self.max_seq_len, self.max_seq_len), w.dtype, w.device,
+                          share_prompts=self._runs_kernels(w.device, w.dtype))
 
     def _runs_kernels(self, device: torch.device, dtype: torch.dtype) -> bool:
         """Whether decode steps over a cache of this device and dtype run nanor1/cpu_decode.py's CPU kernels

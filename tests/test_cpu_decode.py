@@ -11,7 +11,7 @@ from nanor1.common import _can_pack_bf16
 from nanor1.engine import ModelBackend
 from nanor1.hf_llama import FastLlama, _rope
 
-needs_kernel = pytest.mark.skipif(cpu_decode.kernel() is None,
+needs_kernel = pytest.mark.skipif(cpu_decode.library() is None,
                                   reason="no C compiler or no AVX-512 BF16 on this CPU")
 
 
@@ -68,13 +68,13 @@ def test_bf16_decoding_through_the_kernels_gives_transformers_logits(name, monke
     repeated prompt, and still gives transformers' logits to bf16's precision (as the compiled bf16 decode's
     test)."""
     calls = []
-    built = cpu_decode.kernel()
+    built = cpu_decode.library()
 
     class Counting:
         def __getattr__(self, name):
             return lambda *a: calls.append(name) or getattr(built, name)(*a)
 
-    monkeypatch.setattr(cpu_decode, "kernel", lambda: Counting())
+    monkeypatch.setattr(cpu_decode, "library", lambda: Counting())
     model = _family(name, hidden_size=128).to(torch.bfloat16)
     _decode_against_transformers(model, FastLlama(model), 0.1)
     n = model.config.num_hidden_layers
@@ -155,9 +155,9 @@ def test_compile_true_decodes_through_the_kernel_where_it_runs():
 
 def test_where_the_kernels_do_not_run_the_ops_do(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setattr(cpu_decode, "kernel", lambda: None)  # as on a CPU without AVX-512 BF16
+    monkeypatch.setattr(cpu_decode, "library", lambda: None)  # as on a CPU without AVX-512 BF16
     assert not cpu_decode.supports(cpu, torch.bfloat16, 64)
-    monkeypatch.setattr(cpu_decode, "kernel", lambda: object())
+    monkeypatch.setattr(cpu_decode, "library", lambda: object())
     assert cpu_decode.supports(cpu, torch.bfloat16, 64)
     assert not cpu_decode.supports(cpu, torch.float32, 64)
     assert not cpu_decode.supports(cpu, torch.bfloat16, 48)  # head_dim not a multiple of 32
@@ -167,10 +167,10 @@ def test_where_the_kernels_do_not_run_the_ops_do(monkeypatch):
 
 def test_the_kernel_leaves_the_floating_point_mode_alone():
     """Linked with -ffast-math, a library turns on flush-to-zero for the whole process when it loads."""
-    cpu_decode.kernel()
+    cpu_decode.library()
     assert (torch.tensor([1e-39]) * 1.0).item() != 0.0
 
 
 def test_a_kernel_that_cannot_be_built_is_none(monkeypatch):
     monkeypatch.setenv("CC", "false")  # a compiler that always fails
-    assert cpu_decode.kernel.__wrapped__() is None
+    assert cpu_decode.library.__wrapped__() is None

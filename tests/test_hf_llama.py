@@ -99,7 +99,7 @@ def test_compiled_decoding_gives_transformers_logits(dtype):
     attention, normalised q and k heads), in float32 and in bf16 (GRPO's rollout copy; without the CPU decode
     kernel, which would run bf16 decode steps eagerly instead)."""
     model = _family("qwen3").to(dtype)
-    with mock.patch("nanor1.cpu_decode.kernel", return_value=None):
+    with mock.patch("nanor1.cpu_decode.library", return_value=None):
         fast = FastLlama(model, compile=True)
         _decode_against_transformers(model, fast, 1e-4 if dtype == torch.float32 else 0.1)
 

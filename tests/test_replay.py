@@ -76,7 +76,7 @@ def test_replay_of_a_rollout_through_the_cpu_decode_kernels():
     released while their group still decodes): its recording replays to the recomputed bf16 log-probs and
     gradients, to bf16's rounding (the kernels round as the ops do, the update's norms in float32)."""
     from nanor1 import cpu_decode
-    if cpu_decode.kernel() is None:
+    if cpu_decode.library() is None:
         pytest.skip("no C compiler or no AVX-512 BF16 on this CPU")
     assert_replay_matches(_family("llama", hidden_size=128).to(torch.bfloat16).train(), False, False,
                           [(torch.bfloat16, 0.05, 0.1)])
